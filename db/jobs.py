@@ -1,0 +1,112 @@
+"""The job state machine. Every transition is one conditional UPDATE plus one audit event, in the
+caller's transaction, so two workers racing on the same job cannot both move it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db import audit
+from db.models import TERMINAL_STATES, Job, JobState, utcnow
+from medbatch.errors import JobNotFoundError
+
+#: Allowed predecessors of each state. ``running → running`` is a redelivery after a crash;
+#: ``running → queued`` is a retry while Triton is unavailable; ``failed → queued`` is an
+#: operator's explicit retry.
+ALLOWED_FROM: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RECEIVED, JobState.RUNNING, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.QUEUED, JobState.RUNNING}),
+    JobState.DONE: frozenset({JobState.QUEUED, JobState.RUNNING}),
+    JobState.FAILED: frozenset({JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING}),
+    JobState.REJECTED: frozenset({JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING}),
+    JobState.NOT_APPLICABLE: frozenset({JobState.QUEUED, JobState.RUNNING}),
+}
+
+
+def transition(
+    session: Session,
+    job_id: int,
+    to: JobState,
+    *,
+    actor: str,
+    error: str | None = None,
+    summary: dict[str, Any] | None = None,
+    details: dict[str, Any] | None = None,
+) -> bool:
+    """Move a job to ``to`` if its current state allows it; audit it. Returns False otherwise."""
+    now = utcnow()
+    values: dict[str, Any] = {"state": to.value, "updated_at": now}
+    if to is JobState.QUEUED:
+        values["queued_at"] = now
+    elif to is JobState.RUNNING:
+        values["started_at"] = now
+        values["attempts"] = Job.attempts + 1
+    if to in TERMINAL_STATES:
+        values["finished_at"] = now
+    if error is not None or to in (JobState.DONE, JobState.RUNNING):
+        values["error"] = error
+    if summary is not None:
+        values["summary"] = summary
+    allowed = [s.value for s in ALLOWED_FROM[to]]
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.state.in_(allowed)).values(**values)
+    )
+    if result.rowcount == 0:
+        return False
+    audit.append(
+        session,
+        actor=actor,
+        action=f"job.{to.value}",
+        subject=f"job:{job_id}",
+        details={**({"error": error} if error else {}), **(details or {})},
+    )
+    return True
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFoundError(f"no job {job_id}; `medbatch jobs` lists the jobs that exist")
+    return job
+
+
+def child_state_counts(session: Session, parent_id: int) -> dict[str, int]:
+    rows = session.execute(
+        select(Job.state, func.count()).where(Job.parent_id == parent_id).group_by(Job.state)
+    ).all()
+    return {state: int(n) for state, n in rows}
+
+
+def finish_parent_if_complete(session: Session, parent_id: int, *, actor: str) -> bool:
+    """Close a parent job once it is fully submitted and every child is terminal.
+
+    Called by the submitter after its last chunk and by each worker after its chunk, each in a
+    fresh transaction after committing its own work, so whichever commits last closes the parent.
+    """
+    parent = session.get(Job, parent_id, with_for_update=True)
+    if parent is None or parent.state not in (JobState.QUEUED.value, JobState.RUNNING.value):
+        return False
+    counts = child_state_counts(session, parent_id)
+    open_children = sum(n for s, n in counts.items() if JobState(s) not in TERMINAL_STATES)
+    if open_children:
+        return False
+    failed = counts.get(JobState.FAILED.value, 0)
+    summary = {**(parent.summary or {}), "chunk_states": counts}
+    if failed:
+        first_error = session.scalar(
+            select(Job.error)
+            .where(Job.parent_id == parent_id, Job.state == JobState.FAILED.value)
+            .order_by(Job.id)
+            .limit(1)
+        )
+        return transition(
+            session,
+            parent_id,
+            JobState.FAILED,
+            actor=actor,
+            error=f"{failed} of {sum(counts.values())} chunks failed; first: {first_error}",
+            summary=summary,
+        )
+    return transition(session, parent_id, JobState.DONE, actor=actor, summary=summary)

@@ -1,0 +1,6 @@
+# NVIDIA Triton (2.51 = NGC 24.10, the release of the nvidia-pytriton wheel used locally) whose
+# python backend carries torch and torch-geometric for the models in triton_models/.
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+RUN pip install --no-cache-dir torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124 \
+    && pip install --no-cache-dir "torch-geometric>=2.5" "numpy<2"
+COPY triton_models /models

@@ -1,0 +1,473 @@
+"""The ``medbatch`` command: a thin layer over ingest/, workers/, db/ and the embedded stack."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import func, select
+
+from medbatch.errors import MedbatchError
+from medbatch.settings import REPO_ROOT, Settings, get_settings
+
+app = typer.Typer(
+    no_args_is_help=True, help="medbatch: batch inference for PACS, EHR and compound libraries."
+)
+audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+app.add_typer(audit_app, name="audit")
+app.add_typer(db_app, name="db")
+console = Console(stderr=True)
+out = Console()
+
+SAMPLE_LIBRARY = REPO_ROOT / "samples" / "library.smi"
+
+
+def _settings() -> Settings:
+    s = get_settings()
+    logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return s
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code=2)
+
+
+# --- the stack -------------------------------------------------------------------------------
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option(help="Celery worker processes to start.")] = 1,
+    beat: Annotated[
+        bool, typer.Option(help="Run celery beat (the lost-job sweeper) in the first worker.")
+    ] = True,
+) -> None:
+    """Start Redis, Triton and workers (whatever is not already running); stop them on Ctrl-C."""
+    from medbatch.stack.embedded import EmbeddedStack
+
+    s = _settings()
+    try:
+        with EmbeddedStack(
+            s, workers=workers, beat=beat, report=lambda m: console.print(f"[green]✓[/] {m}")
+        ):
+            console.print(
+                "[bold]medbatch is up.[/] Submit with `medbatch screen FILE`; Ctrl-C stops."
+            )
+            stop = False
+
+            def _stop(*_: object) -> None:
+                nonlocal stop
+                stop = True
+
+            signal.signal(signal.SIGTERM, _stop)
+            signal.signal(signal.SIGINT, _stop)
+            while not stop:
+                time.sleep(0.5)
+            console.print("stopping …")
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def demo(
+    library: Annotated[Path, typer.Argument(help="Library to screen.")] = SAMPLE_LIBRARY,
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the results.")] = Path(
+        "var/demo-results.csv"
+    ),
+) -> None:
+    """The main job end to end on the embedded defaults: up, screen a library, export, down."""
+    from medbatch.stack.embedded import EmbeddedStack
+
+    s = _settings()
+    try:
+        with EmbeddedStack(
+            s, workers=1, beat=True, report=lambda m: console.print(f"[green]✓[/] {m}")
+        ):
+            job_id = _screen(s, library, wait=True, timeout=1800)
+            _export(s, job_id, out_file)
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "",
+    concurrency: Annotated[int, typer.Option(help="Processes.")] = 0,
+    beat: Annotated[bool, typer.Option(help="Also run celery beat in this worker.")] = False,
+) -> None:
+    """Run a Celery worker in the foreground (replaces this process)."""
+    from medbatch.stack.worker_process import worker_argv
+
+    s = _settings()
+    qs = queues.split(",") if queues else [s.queue_chem, s.queue_maintenance]
+    argv = worker_argv(
+        qs,
+        concurrency or s.worker_concurrency,
+        f"medbatch-{os.getpid()}@%h",
+        beat=beat,
+        state_dir=s.storage_dir,
+    )
+    os.execv(argv[0], argv)
+
+
+@app.command()
+def triton() -> None:
+    """Run the Triton server from the nvidia-pytriton wheel on triton_models/ (foreground)."""
+    from medbatch.stack.triton_server import server_env, triton_argv
+
+    s = _settings()
+    try:
+        argv = triton_argv(s, s.storage_dir.resolve())
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+    os.execve(argv[0], argv, server_env())
+
+
+@app.command()
+def sweep() -> None:
+    """Re-publish open jobs whose message is missing from the broker (beat runs this too)."""
+    from workers.sweeper import sweep as run_sweep
+
+    report = run_sweep(_settings())
+    out.print(
+        f"re-published {len(report.republished)} jobs; "
+        f"failed {len(report.failed_ingests)} abandoned ingests"
+    )
+
+
+@app.command()
+def health(
+    what: Annotated[str, typer.Argument(help="beat: the sweeper ran recently.")] = "beat",
+    max_age: Annotated[float, typer.Option(help="Seconds.")] = 300.0,
+) -> None:
+    """Container health checks (exit 0 when healthy)."""
+    import redis
+
+    from workers.sweeper import HEARTBEAT_KEY
+
+    s = _settings()
+    if what != "beat":
+        raise _fail(ValueError(f"unknown health check {what!r}"))
+    last = redis.Redis.from_url(s.broker_url).get(HEARTBEAT_KEY)
+    age = time.time() - float(last) if last else float("inf")
+    if age > max_age:
+        raise _fail(RuntimeError(f"the sweeper last ran {age:.0f} s ago (limit {max_age:.0f} s)"))
+    out.print(f"sweeper ran {age:.0f} s ago")
+
+
+# --- screening -------------------------------------------------------------------------------
+def _screen(s: Settings, library: Path, *, wait: bool, timeout: float, **opts: object) -> int:
+    from db.migrate import upgrade
+    from ingest.chem.submit import ScreenOptions, submit_library
+    from medbatch.stack.redis_server import ping
+    from workers.dispatch import publish
+
+    upgrade(s.database_url)
+    if not ping(s.broker_url):
+        raise MedbatchError(
+            f"Redis at {s.broker_url} does not answer; start the stack with `medbatch up`"
+        )
+    options = ScreenOptions(**opts)  # type: ignore[arg-type]
+    size = library.stat().st_size if library.is_file() else 0
+    with Progress(
+        TextColumn("[bold]reading[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[rows]} rows"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal and os.environ.get("CI") == "true",
+    ) as bar:
+        task = bar.add_task(library.name, total=max(size, 1), rows=0)
+        result = submit_library(
+            library,
+            s,
+            publish,
+            options,
+            progress=lambda done, rows: bar.update(task, completed=done, rows=rows),
+        )
+        bar.update(task, completed=max(size, 1))
+    if result.existing:
+        console.print(
+            f"[yellow]this file was already submitted as job {result.job_id}; not rescored[/] "
+            "(use --force)"
+        )
+    if wait:
+        _wait_for(s, result.job_id, timeout)
+    _print_summary(s, result.job_id)
+    return result.job_id
+
+
+def _wait_for(s: Settings, job_id: int, timeout: float) -> None:
+    from db.models import TERMINAL_STATES, Job, JobState
+    from db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    with Progress(
+        TextColumn("[bold]scoring[/] job {task.fields[job]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("chunks"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("score", total=None, job=job_id)
+        while True:
+            with session_scope(s.database_url) as session:
+                parent = session.get(Job, job_id)
+                rows = session.execute(
+                    select(Job.state, func.count())
+                    .where(Job.parent_id == job_id)
+                    .group_by(Job.state)
+                ).all()
+            total = sum(n for _, n in rows)
+            finished = sum(n for st, n in rows if JobState(st) in TERMINAL_STATES)
+            bar.update(task, total=total or 1, completed=finished if total else 1)
+            if parent is None or JobState(parent.state) in TERMINAL_STATES:
+                return
+            if time.monotonic() > deadline:
+                raise MedbatchError(
+                    f"job {job_id} not finished after {timeout:.0f} s; "
+                    f"`medbatch jobs {job_id}` shows it"
+                )
+            time.sleep(0.5)
+
+
+def _print_summary(s: Settings, job_id: int) -> None:
+    from db.models import Job, Prediction
+    from db.session import session_scope
+
+    with session_scope(s.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        scored_now = session.scalar(
+            select(func.count())
+            .select_from(Prediction)
+            .join(Job, Job.id == Prediction.job_id)
+            .where(Job.parent_id == job_id)
+        )
+        c = dict(job.summary or {})
+        table = Table(title=f"job {job_id}: {job.source} — {job.state}", show_header=False)
+        for label, value in [
+            ("rows read", c.get("rows", 0)),
+            ("valid molecules", c.get("valid", 0)),
+            ("rejected rows", c.get("rejected", 0)),
+            ("duplicates in file", c.get("duplicates", 0)),
+            ("already scored earlier", c.get("already_scored", 0)),
+            ("scored in this job", scored_now),
+            ("chunks", c.get("chunks", 0)),
+        ]:
+            table.add_row(label, str(value))
+        if job.error:
+            table.add_row("error", job.error)
+    out.print(table)
+
+
+@app.command()
+def screen(
+    library: Annotated[
+        Path,
+        typer.Argument(
+            help=".smi, .csv, .tsv or .sdf, optionally .gz", exists=True, dir_okay=False
+        ),
+    ],
+    smiles_column: Annotated[str, typer.Option(help="CSV/TSV column holding SMILES.")] = "smiles",
+    id_column: Annotated[
+        str | None, typer.Option(help="CSV column or SDF property naming each record.")
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="smi, csv, tsv or sdf (default: from the suffix)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Rescore even if this file or these molecules were scored.")
+    ] = False,
+    chunk_size: Annotated[int | None, typer.Option(help="Molecules per Triton request.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for scoring to finish.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 3600.0,
+) -> None:
+    """Queue a compound library for screening, show progress, print scored/rejected/duplicates."""
+    s = _settings()
+    try:
+        _screen(
+            s,
+            library,
+            wait=wait,
+            timeout=timeout,
+            fmt=fmt,
+            smiles_column=smiles_column,
+            id_column=id_column,
+            force=force,
+            chunk_size=chunk_size,
+        )
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def jobs(
+    job_id: Annotated[int | None, typer.Argument(help="Show one job and its chunks.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest jobs to list.")] = 20,
+) -> None:
+    """Job status: the newest top-level jobs, or one job with its chunks."""
+    from db import audit
+    from db.jobs import child_state_counts, get_job
+    from db.models import Job
+    from db.session import session_scope
+
+    s = _settings()
+    try:
+        with session_scope(s.database_url) as session:
+            audit.append(
+                session,
+                actor=audit.current_actor(),
+                action="jobs.read",
+                subject=f"job:{job_id or '*'}",
+            )
+            if job_id is not None:
+                job = get_job(session, job_id)
+                table = Table(title=f"job {job.id}", show_header=False)
+                for field in (
+                    "kind",
+                    "source",
+                    "state",
+                    "attempts",
+                    "error",
+                    "created_at",
+                    "queued_at",
+                    "started_at",
+                    "finished_at",
+                ):
+                    table.add_row(field, str(getattr(job, field)))
+                table.add_row("summary", str(job.summary))
+                table.add_row("chunks", str(child_state_counts(session, job.id)))
+                out.print(table)
+                return
+            table = Table("id", "kind", "source", "state", "items", "attempts", "created", "error")
+            for job in session.scalars(
+                select(Job).where(Job.parent_id.is_(None)).order_by(Job.id.desc()).limit(limit)
+            ):
+                table.add_row(
+                    str(job.id),
+                    job.kind,
+                    job.source,
+                    job.state,
+                    str(job.item_count),
+                    str(job.attempts),
+                    f"{job.created_at:%Y-%m-%d %H:%M:%S}",
+                    (job.error or "")[:60],
+                )
+            out.print(table)
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+
+
+def _export(s: Settings, job_id: int, out_file: Path) -> None:
+    from db import audit
+    from db.exports import export_results
+    from db.session import session_scope
+
+    with session_scope(s.database_url) as session:
+        n = export_results(session, job_id, out_file, actor=audit.current_actor())
+    console.print(f"[green]✓[/] wrote {n} rows to {out_file}")
+
+
+@app.command()
+def results(
+    job_id: Annotated[int, typer.Argument(help="A screening job id (see `medbatch jobs`).")],
+    out_file: Annotated[Path, typer.Option("--out", help="file.csv or file.parquet")],
+) -> None:
+    """Export a screening job's results, one row per line of the submitted file."""
+    try:
+        _export(_settings(), job_id, out_file)
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def retry(
+    job_id: Annotated[
+        int,
+        typer.Argument(help="A failed chunk job, or a screening job to retry its failed chunks."),
+    ],
+) -> None:
+    """Re-queue failed chunk jobs (after fixing what made them fail)."""
+    from db import audit
+    from db.jobs import get_job, transition
+    from db.models import Job, JobKind, JobState
+    from db.session import session_scope
+    from workers.dispatch import publish
+
+    s = _settings()
+    actor = audit.current_actor()
+    with session_scope(s.database_url) as session:
+        job = get_job(session, job_id)
+        ids = (
+            [job.id]
+            if job.kind == JobKind.CHEM_CHUNK.value
+            else list(
+                session.scalars(
+                    select(Job.id).where(
+                        Job.parent_id == job.id, Job.state == JobState.FAILED.value
+                    )
+                )
+            )
+        )
+        requeued = [
+            i
+            for i in ids
+            if transition(session, i, JobState.QUEUED, actor=actor, details={"by": "retry"})
+        ]
+        if (
+            job.kind == JobKind.CHEM_SCREEN.value
+            and requeued
+            and job.state == JobState.FAILED.value
+        ):
+            transition(session, job.id, JobState.QUEUED, actor=actor)
+    for i in requeued:
+        publish(i, JobKind.CHEM_CHUNK.value)
+    out.print(f"re-queued {len(requeued)} chunk job(s)")
+
+
+# --- audit and schema ------------------------------------------------------------------------
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Walk the audit hash chain; name the first broken link (exit 1 if broken)."""
+    from db.audit import verify_chain
+    from db.session import session_scope
+
+    s = _settings()
+    with session_scope(s.database_url) as session:
+        report = verify_chain(session)
+    if report.ok:
+        out.print(f"[green]audit chain intact[/]: {report.events} events verified")
+        return
+    out.print(
+        f"[bold red]audit chain broken at event {report.broken_seq}[/]: {report.reason} "
+        f"({report.events} events verified before it)"
+    )
+    raise typer.Exit(code=1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply Alembic migrations."""
+    from db.migrate import upgrade
+
+    s = _settings()
+    upgrade(s.database_url, revision)
+    out.print(f"database at {revision}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="medbatch")
+    sys.exit(0)

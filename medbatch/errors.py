@@ -1,0 +1,39 @@
+"""medbatch's exceptions: each message says what happened and what the operator can do about it."""
+
+from __future__ import annotations
+
+
+class MedbatchError(Exception):
+    """Base of every error medbatch raises on purpose."""
+
+
+class ConfigurationError(MedbatchError):
+    """A setting or an installed component is missing or wrong; fix the environment, then retry."""
+
+
+class ServiceStartError(MedbatchError):
+    """A local server (redis-server, tritonserver, a worker) did not start or become ready."""
+
+
+class InputError(MedbatchError):
+    """The submitted file cannot be read as a whole (not a single bad row: those are recorded)."""
+
+
+class JobStateError(MedbatchError):
+    """A job transition that the state machine does not allow (e.g. done → running)."""
+
+
+class JobNotFoundError(MedbatchError):
+    """No job with that id; `medbatch jobs` lists the ones that exist."""
+
+
+class InferenceError(MedbatchError):
+    """Triton answered, but with an error about this request: retrying will not help."""
+
+
+class InferenceUnavailableError(MedbatchError):
+    """Triton cannot be reached or the model is not ready: the job waits and retries."""
+
+
+class AuditChainError(MedbatchError):
+    """The audit log's hash chain is broken: a row was altered, removed or inserted."""

@@ -1,0 +1,104 @@
+"""All configuration in one place, read from ``MEDBATCH_*`` environment variables (or a ``.env``).
+
+Defaults are for one machine (the embedded stack of ``medbatch up``): a private Redis on its own
+loopback port, the Triton binary from the ``nvidia-pytriton`` wheel on loopback, SQLite in WAL mode
+under ``storage_dir``. Production overrides the URLs (see ``docker-compose.yml``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The repository's Triton model repository, when running from a checkout or an editable install.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    """medbatch settings; every field is ``MEDBATCH_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDBATCH_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    # --- where things live -------------------------------------------------------------------
+    storage_dir: Path = Field(Path("var"), description="Database, logs and server state.")
+    database_url: str = Field("", description="SQLAlchemy URL; default SQLite in storage_dir.")
+    broker_url: str = Field(
+        "redis://127.0.0.1:6389/0",
+        description="Celery broker; `medbatch up` starts a private redis-server if none answers.",
+    )
+
+    # --- Triton --------------------------------------------------------------------------------
+    triton_host: str = "127.0.0.1"
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    triton_model_repository: Path = REPO_ROOT / "triton_models"
+    triton_model_config_name: str = Field(
+        "", description="Select <model>/configs/<name>.pbtxt (e.g. 'gpu'); empty: config.pbtxt."
+    )
+    triton_timeout_s: float = Field(120.0, gt=0, description="Deadline of one inference call.")
+    triton_retry_base_s: float = Field(
+        5.0, gt=0, description="First back-off while Triton is down."
+    )
+    triton_retry_max_s: float = Field(300.0, gt=0, description="Longest single back-off.")
+    triton_max_retries: int = Field(12, ge=0, description="Retries before a job is failed.")
+
+    # --- queues and workers --------------------------------------------------------------------
+    queue_chem: str = "chem"
+    queue_dicom: str = "dicom"
+    queue_ehr: str = "ehr"
+    queue_maintenance: str = "maintenance"
+    worker_concurrency: int = Field(1, ge=1)
+    visibility_timeout_s: int = Field(
+        3600,
+        ge=5,
+        description="Redis redelivers an unacknowledged task after this; > longest task.",
+    )
+    task_time_limit_s: int = Field(1800, ge=1, description="Hard limit of one task.")
+    sweep_interval_s: float = Field(60.0, gt=0, description="How often beat re-enqueues lost jobs.")
+    sweep_grace_s: float = Field(
+        120.0, gt=0, description="Age before an open job absent from the broker is re-published."
+    )
+
+    # --- compound screening --------------------------------------------------------------------
+    chem_chunk_size: int = Field(512, ge=1, le=1024, description="Molecules per Triton request.")
+    chem_ingest_batch: int = Field(2048, ge=1, description="Rows canonicalised per DB round trip.")
+    chem_model_name: str = "molecule_gnn"
+    chem_model_version: str = "1"
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        """Default the database to SQLite inside storage_dir."""
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.storage_dir / 'medbatch.db').resolve()}"
+        return self
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return f"{self.triton_host}:{self.triton_grpc_port}"
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"http://{self.triton_host}:{self.triton_http_port}"
+
+    @property
+    def longest_backoff_total_s(self) -> float:
+        """Upper bound of the time a job spends waiting for Triton before it is failed."""
+        total, delay = 0.0, self.triton_retry_base_s
+        for _ in range(self.triton_max_retries):
+            total += min(delay, self.triton_retry_max_s)
+            delay *= 2
+        return total
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (tests clear the cache after changing the environment)."""
+    return Settings()

@@ -1,0 +1,110 @@
+"""The embedded single-machine stack: Redis, Triton and Celery workers on loopback.
+
+Each part is started only if it is not already answering (so ``medbatch up`` next to a running
+Triton reuses it), and everything this stack started is stopped, in reverse order, on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from types import TracebackType
+
+from db.migrate import upgrade
+from medbatch.settings import Settings
+from medbatch.stack import redis_server, triton_server
+from medbatch.stack.process import ManagedProcess
+from medbatch.stack.worker_process import worker_process, worker_ready
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[str], None]
+
+
+class EmbeddedStack:
+    """Context manager: ``with EmbeddedStack(settings) as stack: ...``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        workers: int = 1,
+        beat: bool = True,
+        start_triton: bool = True,
+        report: Reporter | None = None,
+        ready_timeout_s: float = 180.0,
+    ) -> None:
+        self.settings = settings
+        self.state_dir = settings.storage_dir.resolve()
+        self.n_workers = workers
+        self.beat = beat
+        self.start_triton = start_triton
+        self.report = report or log.info
+        self.ready_timeout_s = ready_timeout_s
+        self.started: list[ManagedProcess] = []
+        self.workers: list[ManagedProcess] = []
+        self.triton: ManagedProcess | None = None
+        self.redis: ManagedProcess | None = None
+
+    def __enter__(self) -> EmbeddedStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        s = self.settings
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(s.database_url)
+        self.report(f"database ready ({s.database_url.split('://', 1)[0]})")
+
+        if redis_server.ping(s.broker_url):
+            self.report(f"using the Redis already answering at {s.broker_url}")
+        else:
+            self.redis = redis_server.redis_process(s.broker_url, self.state_dir).start()
+            self.started.append(self.redis)
+            self.redis.wait_until(lambda: redis_server.ping(s.broker_url), 30, "answering PING")
+            self.report(f"started a private redis-server at {s.broker_url}")
+
+        if self.start_triton:
+            if triton_server.is_ready(s):
+                self.report(f"using the Triton already ready at {s.triton_http_url}")
+            else:
+                self.start_triton_server()
+                self.report(f"started tritonserver (gRPC {s.triton_grpc_url})")
+
+        for i in range(self.n_workers):
+            self.add_worker(beat=self.beat and i == 0, wait=False)
+        for proc in self.workers:
+            proc.wait_until(lambda p=proc: worker_ready(p), self.ready_timeout_s, "ready")
+        self.report(f"{self.n_workers} Celery worker(s) ready on queues chem, maintenance")
+
+    def add_worker(self, *, beat: bool = False, wait: bool = True) -> ManagedProcess:
+        """Start one more worker process (also how a killed worker is replaced)."""
+        proc = worker_process(self.settings, self.state_dir, beat=beat).start()
+        self.started.append(proc)
+        self.workers.append(proc)
+        if wait:
+            proc.wait_until(lambda: worker_ready(proc), self.ready_timeout_s, "ready")
+        return proc
+
+    def start_triton_server(self) -> ManagedProcess:
+        """(Re)start the Triton server on the configured ports and wait until it is ready."""
+        s = self.settings
+        self.triton = triton_server.triton_process(s, self.state_dir).start()
+        self.started.append(self.triton)
+        self.triton.wait_until(lambda: triton_server.is_ready(s), self.ready_timeout_s, "ready")
+        return self.triton
+
+    def stop(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()
+        self.started.clear()
+        self.workers.clear()

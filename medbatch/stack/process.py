@@ -1,0 +1,114 @@
+"""A supervised child process: started in its own process group, polled for readiness, stopped
+with SIGTERM then SIGKILL. The base of the Redis, Triton and worker launchers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from medbatch.errors import ServiceStartError
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ManagedProcess:
+    """One server or worker process that medbatch started and will stop."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ServiceStartError(f"{self.name}: cannot run {self.argv[0]}: {exc}") from exc
+        finally:
+            log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} is not started")
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``ready`` until true; fail with the log's tail if the process dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ServiceStartError(
+                    f"{self.name} exited (code {self.proc.returncode if self.proc else '?'}) "
+                    f"before {what}; its log {self.log_path} ends with:\n{self.log_tail()}"
+                )
+            if ready():
+                return
+            time.sleep(0.25)
+        raise ServiceStartError(
+            f"{self.name} not {what} after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the process group (graceful: Celery finishes or requeues), then SIGKILL."""
+        if self.proc is None:
+            return
+        self.signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal_group(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        # Reap any straggler in the group (pool children) so nothing outlives the stack.
+        self.signal_group(signal.SIGKILL)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once, as the OOM killer or a power cut would."""
+        if self.proc is None:
+            return
+        self.signal_group(signal.SIGKILL)
+        self.proc.wait(timeout=10)

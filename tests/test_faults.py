@@ -1,0 +1,168 @@
+"""Fault injection on the real stack: a worker SIGKILLed mid-chunk, Triton stopped while jobs wait,
+a message delivered twice, Redis losing its queue. Nothing accepted is lost or stored twice."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from db.models import AuditEvent, JobState
+from db.session import session_scope
+from ingest.chem.submit import submit_library
+from medbatch.stack.embedded import EmbeddedStack
+from medbatch.stack.triton_server import is_ready
+from tests.helpers import (
+    chunk_jobs,
+    job_state,
+    predictions_for,
+    unique_valid,
+    wait_for_job,
+    wait_until,
+    write_smi,
+)
+from workers.dispatch import publish
+from workers.sweeper import job_ids_in_broker, sweep
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def _library(tmp: Path, rows: list[tuple[str, str]], n: int, skip: int, name: str) -> Path:
+    mols = unique_valid(rows, n, skip=skip)
+    return write_smi(tmp / name, [f"{s}\t{m}" for s, m, _ in mols])
+
+
+def _audit_actions(settings, job_id: int) -> list[str]:  # type: ignore[no-untyped-def]
+    with session_scope(settings.database_url) as s:
+        return list(
+            s.scalars(
+                select(AuditEvent.action)
+                .where(AuditEvent.subject == f"job:{job_id}")
+                .order_by(AuditEvent.seq)
+            )
+        )
+
+
+def _live_worker(stack: EmbeddedStack) -> None:
+    if not any(w.alive() for w in stack.workers):
+        stack.add_worker()
+
+
+def test_sigkilled_worker_mid_chunk_loses_nothing(
+    stack: EmbeddedStack, nci_smiles: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    settings = stack.settings
+    _live_worker(stack)
+    assert stack.triton is not None
+    library = _library(tmp_path, nci_smiles, settings.chem_chunk_size, 1000, "kill.smi")
+    stack.triton.signal_group(signal.SIGSTOP)  # Triton hangs: the worker blocks inside infer()
+    try:
+        res = submit_library(library, settings, publish)
+        (chunk_id,) = res.chunk_ids
+        wait_until(lambda: job_state(settings, chunk_id) == "running", 60, "the chunk to start")
+        for w in stack.workers:
+            w.kill()  # SIGKILL the whole worker, pool children included, mid-chunk
+    finally:
+        stack.triton.signal_group(signal.SIGCONT)
+    assert job_state(settings, chunk_id) == "running"
+    assert predictions_for(settings, res.job_id) == []
+
+    stack.add_worker()  # the replacement picks up the unacknowledged message
+    done = wait_for_job(settings, res.job_id, timeout=settings.visibility_timeout_s + 120)
+    assert done.state == JobState.DONE.value, done.error
+    preds = predictions_for(settings, res.job_id)
+    assert len(preds) == settings.chem_chunk_size
+    assert len({p.compound_id for p in preds}) == len(preds)
+    (chunk,) = chunk_jobs(settings, res.job_id)
+    assert chunk.attempts == 2
+    assert _audit_actions(settings, chunk_id).count("job.running") == 2
+
+
+def test_jobs_wait_while_triton_is_down_and_finish_when_it_returns(
+    stack: EmbeddedStack, nci_smiles: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    settings = stack.settings
+    _live_worker(stack)
+    assert stack.triton is not None
+    library = _library(tmp_path, nci_smiles, 2 * settings.chem_chunk_size, 1100, "down.smi")
+    stack.triton.stop()
+    assert not is_ready(settings)
+    try:
+        res = submit_library(library, settings, publish)
+        assert len(res.chunk_ids) == 2
+
+        def retrying() -> bool:
+            chunks = chunk_jobs(settings, res.job_id)
+            return all(c.attempts >= 2 and "waiting for Triton" in (c.error or "") for c in chunks)
+
+        wait_until(retrying, 90, "both chunks to be retrying")
+        assert all(c.state in ("queued", "running") for c in chunk_jobs(settings, res.job_id))
+        assert job_state(settings, res.job_id) == "queued"
+    finally:
+        stack.start_triton_server()
+    done = wait_for_job(settings, res.job_id, timeout=120)
+    assert done.state == JobState.DONE.value, done.error
+    preds = predictions_for(settings, res.job_id)
+    assert len(preds) == 2 * settings.chem_chunk_size == len({p.compound_id for p in preds})
+    for chunk in chunk_jobs(settings, res.job_id):
+        assert chunk.error is None and chunk.attempts >= 2
+        assert "job.queued" in _audit_actions(settings, chunk.id)[2:]  # a retry, after the first
+
+
+def test_duplicate_delivery_stores_results_once(
+    stack: EmbeddedStack, nci_smiles: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    settings = stack.settings
+    _live_worker(stack)
+    library = _library(tmp_path, nci_smiles, 5, 1200, "dup.smi")
+    res = submit_library(library, settings, publish)
+    (chunk_id,) = res.chunk_ids
+    publish(chunk_id, "chem_chunk")  # the same job delivered twice more
+    publish(chunk_id, "chem_chunk")
+    wait_for_job(settings, res.job_id)
+    client = redis.Redis.from_url(settings.broker_url)
+    wait_until(
+        lambda: chunk_id not in job_ids_in_broker(client, [settings.queue_chem]),
+        60,
+        "the duplicate messages to be consumed",
+    )
+    assert len(predictions_for(settings, res.job_id)) == 5
+    (chunk,) = chunk_jobs(settings, res.job_id)
+    assert chunk.attempts == 1
+
+
+def test_messages_lost_by_redis_are_republished_by_the_sweeper(
+    stack: EmbeddedStack, nci_smiles: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    settings = stack.settings
+    for w in stack.workers:
+        w.stop()
+    library = _library(tmp_path, nci_smiles, settings.chem_chunk_size + 3, 1300, "lost.smi")
+    res = submit_library(library, settings, publish)
+    client = redis.Redis.from_url(settings.broker_url)
+    assert set(res.chunk_ids) <= job_ids_in_broker(client, [settings.queue_chem])
+    client.flushall()  # Redis restarted without persistence: the queue is gone
+    assert job_ids_in_broker(client, [settings.queue_chem]) == set()
+
+    assert sweep(settings).republished == []  # too recent: inside the grace period
+    wait_until(
+        lambda: sorted(sweep(settings).republished) == sorted(res.chunk_ids),
+        settings.sweep_grace_s + 30,
+        "the sweeper to re-publish the lost chunks",
+        every=1.0,
+    )
+    assert sweep(settings).republished == []  # present again: not sent twice
+    stack.add_worker()
+    done = wait_for_job(settings, res.job_id, timeout=120)
+    assert done.state == JobState.DONE.value
+    assert len(predictions_for(settings, res.job_id)) == settings.chem_chunk_size + 3
+    with session_scope(settings.database_url) as s:
+        republished = s.scalar(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(AuditEvent.action == "job.republished")
+        )
+    assert republished >= len(res.chunk_ids)

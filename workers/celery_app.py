@@ -1,0 +1,73 @@
+"""The Celery application: Redis transport, at-least-once delivery, one queue per job kind.
+
+At-least-once is the contract: a task is acknowledged only after its results are committed
+(``task_acks_late``), a task whose worker died is redelivered (``task_reject_on_worker_lost`` for
+a lost child, Redis' ``visibility_timeout`` for a lost host), and every task is idempotent, so a
+redelivery stores nothing twice. Messages carry only job ids; the database holds the work.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from medbatch.settings import Settings, get_settings
+
+TASK_SCORE_CHUNK = "medbatch.chem.score_chunk"
+TASK_SWEEP = "medbatch.maintenance.sweep"
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Apply medbatch's delivery guarantees and routing to ``app``."""
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        },
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.worker_concurrency,
+        worker_max_tasks_per_child=1000,
+        worker_hijack_root_logger=False,
+        task_ignore_result=True,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.queue_maintenance,
+        task_queues=[
+            Queue(settings.queue_chem),
+            Queue(settings.queue_dicom),
+            Queue(settings.queue_ehr),
+            Queue(settings.queue_maintenance),
+        ],
+        task_routes={
+            TASK_SCORE_CHUNK: {"queue": settings.queue_chem},
+            TASK_SWEEP: {"queue": settings.queue_maintenance},
+        },
+        beat_schedule={
+            "sweep-lost-jobs": {"task": TASK_SWEEP, "schedule": settings.sweep_interval_s},
+        },
+        timezone="UTC",
+        enable_utc=True,
+    )
+
+
+app = Celery("medbatch", include=["workers.chem.tasks", "workers.sweeper"])
+configure(app, get_settings())
+
+
+@worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    """A forked pool child must not reuse the parent's database or Triton connections."""
+    from db.session import dispose_all
+    from workers.triton_client import reset_clients
+
+    dispose_all()
+    reset_clients()

@@ -1,0 +1,166 @@
+"""Score one chunk of molecules: load from the database, featurise, one Triton call, one commit.
+
+Idempotent by construction: a chunk already ``done`` is skipped, and predictions are inserted
+with ON CONFLICT DO NOTHING on (job, compound, model), so a redelivered or duplicated message
+stores every result exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any
+
+from celery import Task
+from sqlalchemy import select
+
+from db import audit
+from db.jobs import finish_parent_if_complete, transition
+from db.models import TERMINAL_STATES, ChunkItem, Compound, Job, JobState, Prediction, utcnow
+from db.session import session_scope
+from db.upsert import insert_ignore
+from medbatch.errors import InferenceError, InferenceUnavailableError
+from medbatch.settings import Settings, get_settings
+from workers import triton_client
+from workers.celery_app import TASK_SCORE_CHUNK, app
+from workers.chem.featurize import featurize_smiles
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ["LOGS"]
+
+
+def backoff_s(settings: Settings, retries: int) -> float:
+    """Exponential back-off with ±20 % jitter, capped: retries spread out while Triton is down."""
+    delay = min(settings.triton_retry_base_s * (2**retries), settings.triton_retry_max_s)
+    return delay * random.uniform(0.8, 1.2)
+
+
+def _load_chunk(job_id: int, settings: Settings) -> list[tuple[int, str]]:
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            select(Compound.id, Compound.canonical_smiles)
+            .join(ChunkItem, ChunkItem.compound_id == Compound.id)
+            .where(ChunkItem.job_id == job_id)
+            .order_by(ChunkItem.position)
+        ).all()
+    return [(int(cid), str(smi)) for cid, smi in rows]
+
+
+def _close(
+    job_id: int, parent_id: int | None, state: JobState, settings: Settings, **kw: Any
+) -> None:
+    actor = audit.current_actor("worker")
+    with session_scope(settings.database_url) as session:
+        transition(session, job_id, state, actor=actor, **kw)
+    if parent_id is not None:
+        with session_scope(settings.database_url) as session:
+            finish_parent_if_complete(session, parent_id, actor=actor)
+
+
+@app.task(name=TASK_SCORE_CHUNK, bind=True, max_retries=None)
+def score_chunk(self: Task, job_id: int) -> str:
+    """Celery entry point; returns a short outcome word (kept in the worker log only)."""
+    settings = get_settings()
+    actor = audit.current_actor("worker")
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            log.error("chunk job %s does not exist; message dropped", job_id)
+            return "missing"
+        if JobState(job.state) in TERMINAL_STATES:
+            log.info("chunk job %s already %s; duplicate delivery ignored", job_id, job.state)
+            return f"already-{job.state}"
+        parent_id = job.parent_id
+        model = str(job.params.get("model_name", settings.chem_model_name))
+        version = str(job.params.get("model_version", settings.chem_model_version))
+        if not transition(session, job_id, JobState.RUNNING, actor=actor):
+            return "not-runnable"
+
+    items = _load_chunk(job_id, settings)
+    if not items:
+        _close(job_id, parent_id, JobState.DONE, settings, summary={"scored": 0})
+        return "empty"
+    try:
+        arrays = featurize_smiles([smi for _, smi in items])
+    except ValueError as exc:
+        _close(job_id, parent_id, JobState.FAILED, settings, error=f"featurisation failed: {exc}")
+        return "failed"
+
+    try:
+        out = triton_client.infer(
+            settings.triton_grpc_url,
+            model,
+            version,
+            arrays,
+            OUTPUTS,
+            timeout_s=settings.triton_timeout_s,
+            request_id=f"chunk-{job_id}",
+        )
+    except InferenceUnavailableError as exc:
+        retries = int(self.request.retries or 0)
+        if retries >= settings.triton_max_retries:
+            _close(
+                job_id,
+                parent_id,
+                JobState.FAILED,
+                settings,
+                error=(
+                    f"Triton was unavailable through {retries} retries "
+                    f"(about {settings.longest_backoff_total_s:.0f} s): {exc}. "
+                    "Check `medbatch triton` / the triton service, then `medbatch retry`."
+                ),
+            )
+            return "failed"
+        countdown = backoff_s(settings, retries)
+        with session_scope(settings.database_url) as session:
+            transition(
+                session,
+                job_id,
+                JobState.QUEUED,
+                actor=actor,
+                error=f"waiting for Triton (retry {retries + 1} of {settings.triton_max_retries} "
+                f"in {countdown:.0f} s): {exc}",
+            )
+        raise self.retry(countdown=countdown, exc=exc) from exc
+    except InferenceError as exc:
+        _close(job_id, parent_id, JobState.FAILED, settings, error=str(exc))
+        return "failed"
+
+    logs = out["LOGS"].reshape(-1)
+    if logs.shape[0] != len(items):
+        _close(
+            job_id,
+            parent_id,
+            JobState.FAILED,
+            settings,
+            error=f"model returned {logs.shape[0]} values for {len(items)} molecules",
+        )
+        return "failed"
+    now = utcnow()
+    rows = [
+        {
+            "job_id": job_id,
+            "compound_id": cid,
+            "model_name": model,
+            "model_version": version,
+            "outputs": {"logS": float(v) if math.isfinite(float(v)) else None},
+            "created_at": now,
+        }
+        for (cid, _), v in zip(items, logs, strict=True)
+    ]
+    with session_scope(settings.database_url) as session:
+        inserted = insert_ignore(session, Prediction, rows, ("job_id", "compound_id", "model_name"))
+        transition(
+            session,
+            job_id,
+            JobState.DONE,
+            actor=actor,
+            summary={"scored": len(rows), "model": model, "model_version": version},
+            details={"predictions": len(rows), "newly_stored": inserted},
+        )
+    if parent_id is not None:
+        with session_scope(settings.database_url) as session:
+            finish_parent_if_complete(session, parent_id, actor=actor)
+    return "done"
