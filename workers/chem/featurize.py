@@ -5,6 +5,8 @@ as a few hundred kilobytes of ``uint8`` instead of megabytes of ``float32``; the
 indices into learned embeddings. The same function feeds training (``triton_models/molecule_gnn/
 train.py``) and serving, so the model never sees features computed two different ways.
 
+The padding itself lives in :mod:`workers.chem.graph_arrays` (numpy only, no RDKit).
+
 Layout of one chunk of ``B`` molecules (``A`` = most atoms, ``E`` = most bonds in the chunk):
 
 ==============  ==========  ============  =================================================
@@ -21,10 +23,11 @@ name            dtype       shape         meaning
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from rdkit import Chem
+
+from workers.chem.graph_arrays import MolGraph, pad_graphs
 
 #: Name and vocabulary size of each atom feature column. Values at or above the size are clipped
 #: to ``size - 1`` (an "other" bucket), so the model's embedding tables can never be indexed out
@@ -81,15 +84,6 @@ def bond_feature_row(bond: Chem.Bond) -> tuple[int, ...]:
     return tuple(min(max(v, 0), size - 1) for v, (_, size) in zip(raw, BOND_FEATURES, strict=True))
 
 
-@dataclass(frozen=True, slots=True)
-class MolGraph:
-    """One molecule as arrays: atoms [n, 8], bond endpoints [m, 2], bond features [m, 4]."""
-
-    atoms: np.ndarray
-    bond_index: np.ndarray
-    bonds: np.ndarray
-
-
 def mol_to_graph(mol: Chem.Mol) -> MolGraph:
     """Featurise one sanitised RDKit molecule (implicit hydrogens, as parsed from SMILES)."""
     atoms = np.array([atom_feature_row(a) for a in mol.GetAtoms()], dtype=np.uint8).reshape(
@@ -103,38 +97,6 @@ def mol_to_graph(mol: Chem.Mol) -> MolGraph:
         -1, len(BOND_FEATURES)
     )
     return MolGraph(atoms=atoms, bond_index=bond_index, bonds=bonds)
-
-
-def pad_graphs(graphs: Sequence[MolGraph]) -> dict[str, np.ndarray]:
-    """Stack graphs into the padded chunk arrays named in the module docstring.
-
-    ``A`` and ``E`` are at least 1 so that no tensor has a zero-sized axis (a molecule of one
-    atom has no bond; the counts say what is real).
-    """
-    if not graphs:
-        raise ValueError("cannot pad an empty chunk")
-    b = len(graphs)
-    a = max(1, max(len(g.atoms) for g in graphs))
-    e = max(1, max(len(g.bonds) for g in graphs))
-    atom_feats = np.zeros((b, a, len(ATOM_FEATURES)), dtype=np.uint8)
-    bond_index = np.zeros((b, e, 2), dtype=np.int32)
-    bond_feats = np.zeros((b, e, len(BOND_FEATURES)), dtype=np.uint8)
-    n_atoms = np.zeros((b, 1), dtype=np.int32)
-    n_bonds = np.zeros((b, 1), dtype=np.int32)
-    for i, g in enumerate(graphs):
-        na, nb = len(g.atoms), len(g.bonds)
-        atom_feats[i, :na] = g.atoms
-        bond_index[i, :nb] = g.bond_index
-        bond_feats[i, :nb] = g.bonds
-        n_atoms[i, 0] = na
-        n_bonds[i, 0] = nb
-    return {
-        "ATOM_FEATS": atom_feats,
-        "N_ATOMS": n_atoms,
-        "BOND_INDEX": bond_index,
-        "BOND_FEATS": bond_feats,
-        "N_BONDS": n_bonds,
-    }
 
 
 def featurize_smiles(smiles: Sequence[str]) -> dict[str, np.ndarray]:
@@ -151,3 +113,4 @@ def featurize_smiles(smiles: Sequence[str]) -> dict[str, np.ndarray]:
             raise ValueError(f"stored canonical SMILES no longer parses with this RDKit: {smi!r}")
         graphs.append(mol_to_graph(mol))
     return pad_graphs(graphs)
+

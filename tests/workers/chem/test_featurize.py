@@ -67,6 +67,12 @@ def test_values_stay_inside_vocabularies(smiles: str) -> None:
         assert int(g.atoms[:, col].max()) < size
 
 
+def test_numpy_only_padding_agrees_on_widths() -> None:
+    from workers.chem.graph_arrays import N_ATOM_FEATURES, N_BOND_FEATURES
+
+    assert (len(ATOM_FEATURES), len(BOND_FEATURES)) == (N_ATOM_FEATURES, N_BOND_FEATURES)
+
+
 def test_padding_layout() -> None:
     arrays = featurize_smiles(["CCO", "c1ccccc1", "[Na+]"])
     assert arrays["ATOM_FEATS"].shape == (3, 6, 8) and arrays["ATOM_FEATS"].dtype == np.uint8
