@@ -113,7 +113,6 @@ def activate(settings: Settings) -> None:
     )
     get_settings.cache_clear()
     configure(app, settings)
-    app.pool.force_close_all()
 
 
 @pytest.fixture(scope="session")

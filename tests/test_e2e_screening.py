@@ -45,7 +45,7 @@ def test_library_is_scored_once_per_unique_molecule(
     valid = unique_valid(nci_smiles, 40)
     lines = [f"{smi}\t{name}" for smi, name, _ in valid]
     lines += [f"{bad}\tbad-{i}" for i, bad in enumerate(INVALID)]
-    lines += [lines[0].replace(valid[0][1], "dup-exact"), "CCO\tethanol", "OCC\tethanol-again"]
+    lines += [f"{valid[0][0]}\tdup-exact", "CCO\tethanol", "OCC\tethanol-again"]
     library = write_smi(tmp_path / "library.smi", lines)
 
     runner = CliRunner()
