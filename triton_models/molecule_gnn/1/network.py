@@ -1,0 +1,252 @@
+"""Graph network of the ``molecule_gnn`` Triton model: aqueous solubility (logS) from the
+categorical atom/bond arrays written by ``workers/chem/featurize.py``.
+
+This file runs in two places: inside Triton's python backend (loaded by explicit path from the
+model version directory, with no repository on ``sys.path``) and in ``../train.py``. It therefore
+imports only torch, torch_geometric, numpy and the standard library; the feature vocabularies are
+copied here as constants and a test checks they still equal ``workers.chem.featurize``.
+
+Architecture: per-column embeddings (summed) for atoms and bonds, a stack of GINE convolutions
+(bond-aware message passing) with batch norm, ReLU and residual connections, sum + mean pooling
+and an MLP head. ``SolubilityEnsemble`` averages several such networks (trained on different
+cross-validation folds); its output is the *standardised* target, callers de-standardise with the
+mean/std stored in ``weights.pt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import GINEConv, global_add_pool, global_mean_pool
+
+#: Vocabulary size of each atom feature column (``workers.chem.featurize.ATOM_FEATURES``):
+#: atomic_num, total_degree, formal_charge, total_num_hs, hybridization, is_aromatic,
+#: is_in_ring, chiral_tag.
+ATOM_VOCAB: tuple[int, ...] = (120, 7, 7, 5, 8, 2, 2, 4)
+#: Vocabulary size of each bond feature column (``workers.chem.featurize.BOND_FEATURES``):
+#: bond_type, is_conjugated, is_in_ring, stereo.
+BOND_VOCAB: tuple[int, ...] = (5, 2, 2, 6)
+
+Graph = tuple[Tensor, Tensor, Tensor, Tensor, int]
+"""A flat graph batch: ``x`` [N, 8] long, ``edge_index`` [2, 2M] long, ``edge_attr`` [2M, 4]
+long, ``batch`` [N] long (graph of each atom), ``num_graphs``."""
+
+
+class CategoricalEncoder(nn.Module):
+    """Sum of one embedding per categorical column."""
+
+    def __init__(self, vocab: Sequence[int], dim: int) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleList(nn.Embedding(size, dim) for size in vocab)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        out = self.embeddings[0](feats[:, 0])
+        for col, emb in enumerate(self.embeddings[1:], start=1):
+            out = out + emb(feats[:, col])
+        return out
+
+
+class SolubilityGNN(nn.Module):
+    """GINE message passing network with bond features; returns one value per graph."""
+
+    def __init__(
+        self,
+        hidden: int = 128,
+        layers: int = 4,
+        dropout: float = 0.1,
+        head_hidden: int | None = None,
+        atom_vocab: Sequence[int] = ATOM_VOCAB,
+        bond_vocab: Sequence[int] = BOND_VOCAB,
+    ) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.atom_encoder = CategoricalEncoder(atom_vocab, hidden)
+        self.bond_encoders = nn.ModuleList(
+            CategoricalEncoder(bond_vocab, hidden) for _ in range(layers)
+        )
+        self.convs = nn.ModuleList(
+            GINEConv(
+                nn.Sequential(
+                    nn.Linear(hidden, hidden),
+                    nn.BatchNorm1d(hidden),
+                    nn.ReLU(),
+                    nn.Linear(hidden, hidden),
+                ),
+                train_eps=True,
+            )
+            for _ in range(layers)
+        )
+        self.norms = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in range(layers))
+        head_hidden = head_hidden or hidden
+        self.head = nn.Sequential(
+            nn.Linear(2 * hidden, head_hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(head_hidden, 1),
+        )
+
+    def forward(
+        self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor, num_graphs: int
+    ) -> Tensor:
+        h = self.atom_encoder(x)
+        for conv, norm, bond_encoder in zip(
+            self.convs, self.norms, self.bond_encoders, strict=True
+        ):
+            m = norm(conv(h, edge_index, bond_encoder(edge_attr)))
+            m = nn.functional.dropout(torch.relu(m), p=self.dropout, training=self.training)
+            h = h + m
+        pooled = torch.cat(
+            [
+                global_add_pool(h, batch, size=num_graphs),
+                global_mean_pool(h, batch, size=num_graphs),
+            ],
+            dim=1,
+        )
+        return self.head(pooled).squeeze(-1)
+
+
+class SolubilityEnsemble(nn.Module):
+    """Mean of several :class:`SolubilityGNN` members (standardised logS, shape [num_graphs])."""
+
+    def __init__(self, members: int = 1, **hyperparameters) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(SolubilityGNN(**hyperparameters) for _ in range(members))
+
+    def forward(
+        self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor, num_graphs: int
+    ) -> Tensor:
+        outs = [m(x, edge_index, edge_attr, batch, num_graphs) for m in self.members]
+        return torch.stack(outs, dim=0).mean(dim=0)
+
+
+def build_from_payload(payload: dict) -> SolubilityEnsemble:
+    """The ensemble stored in a ``weights.pt`` payload (see ``../train.py``), in eval mode."""
+    if tuple(payload["atom_vocab"]) != ATOM_VOCAB or tuple(payload["bond_vocab"]) != BOND_VOCAB:
+        raise ValueError(
+            "weights.pt was trained with other feature vocabularies than network.py declares; "
+            "retrain with triton_models/molecule_gnn/train.py"
+        )
+    model = SolubilityEnsemble(members=payload["members"], **payload["network_kwargs"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def validate_padded(
+    atom_feats: Tensor, n_atoms: Tensor, bond_index: Tensor, bond_feats: Tensor, n_bonds: Tensor
+) -> str | None:
+    """Why a padded chunk is malformed, or ``None`` if :func:`padded_to_batch` may take it.
+
+    Checks shapes, counts within the padded sizes, bond endpoints inside their molecule and
+    feature values inside their vocabularies (an embedding lookup out of range would otherwise
+    fail the whole forward pass).
+    """
+    if atom_feats.dim() != 3 or atom_feats.shape[2] != len(ATOM_VOCAB):
+        return f"ATOM_FEATS must have shape [B, A, {len(ATOM_VOCAB)}], got {list(atom_feats.shape)}"
+    if bond_feats.dim() != 3 or bond_feats.shape[2] != len(BOND_VOCAB):
+        return f"BOND_FEATS must have shape [B, E, {len(BOND_VOCAB)}], got {list(bond_feats.shape)}"
+    if bond_index.dim() != 3 or bond_index.shape[2] != 2:
+        return f"BOND_INDEX must have shape [B, E, 2], got {list(bond_index.shape)}"
+    b, a = atom_feats.shape[0], atom_feats.shape[1]
+    e = bond_index.shape[1]
+    if tuple(bond_feats.shape[:2]) != (b, e):
+        return (
+            f"BOND_FEATS shape {list(bond_feats.shape)} does not match "
+            f"BOND_INDEX shape {list(bond_index.shape)}"
+        )
+    for name, counts in (("N_ATOMS", n_atoms), ("N_BONDS", n_bonds)):
+        if counts.numel() != b:
+            return f"{name} must have shape [B, 1] with B={b}, got {list(counts.shape)}"
+    na = n_atoms.reshape(-1).long()
+    nb = n_bonds.reshape(-1).long()
+    if bool((na < 0).any()) or bool((na > a).any()):
+        i = int(((na < 0) | (na > a)).nonzero()[0])
+        return f"N_ATOMS[{i}]={int(na[i])} outside [0, A={a}] (padded atom axis)"
+    if bool((nb < 0).any()) or bool((nb > e).any()):
+        i = int(((nb < 0) | (nb > e)).nonzero()[0])
+        return f"N_BONDS[{i}]={int(nb[i])} outside [0, E={e}] (padded bond axis)"
+    bond_mask = torch.arange(e, device=nb.device)[None, :] < nb[:, None]
+    bi = bond_index.long()
+    bad = bond_mask[:, :, None] & ((bi < 0) | (bi >= na[:, None, None]))
+    if bool(bad.any()):
+        mol, bond, _ = (int(v) for v in bad.nonzero()[0])
+        return (
+            f"BOND_INDEX[{mol}, {bond}]={bi[mol, bond].tolist()} out of range for a molecule "
+            f"of N_ATOMS={int(na[mol])}"
+        )
+    atom_mask = torch.arange(a, device=na.device)[None, :] < na[:, None]
+    for feats, mask, vocab, name in (
+        (atom_feats, atom_mask, ATOM_VOCAB, "ATOM_FEATS"),
+        (bond_feats, bond_mask, BOND_VOCAB, "BOND_FEATS"),
+    ):
+        limit = torch.tensor(vocab, device=feats.device)
+        bad = mask[:, :, None] & (feats.long() >= limit)
+        if bool(bad.any()):
+            mol, row, col = (int(v) for v in bad.nonzero()[0])
+            return (
+                f"{name}[{mol}, {row}, {col}]={int(feats[mol, row, col])} outside the "
+                f"vocabulary of column {col} (size {vocab[col]})"
+            )
+    return None
+
+
+def padded_to_batch(
+    atom_feats: Tensor, n_atoms: Tensor, bond_index: Tensor, bond_feats: Tensor, n_bonds: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Padded chunk arrays → flat PyG graph ``(x, edge_index, edge_attr, batch)``.
+
+    Shapes in: ``[B, A, 8]`` uint8, ``[B, 1]`` int32, ``[B, E, 2]`` int32, ``[B, E, 4]`` uint8,
+    ``[B, 1]`` int32. Out: ``x`` [N, 8] long, ``edge_index`` [2, 2M] long with both directions
+    (all forward edges first, then all reversed ones), ``edge_attr`` [2M, 4] long, ``batch`` [N]
+    long. Padding rows are dropped; bond endpoints are offset by the atoms of the preceding
+    molecules. Vectorised; no loop per molecule. Inputs are assumed valid (see
+    :func:`validate_padded`).
+    """
+    b, a = atom_feats.shape[0], atom_feats.shape[1]
+    e = bond_index.shape[1]
+    device = atom_feats.device
+    na = n_atoms.reshape(-1).long()
+    nb = n_bonds.reshape(-1).long()
+    atom_mask = torch.arange(a, device=device)[None, :] < na[:, None]
+    bond_mask = torch.arange(e, device=device)[None, :] < nb[:, None]
+    x = atom_feats[atom_mask].long()
+    batch = torch.repeat_interleave(torch.arange(b, device=device), na)
+    offsets = torch.cumsum(na, 0) - na
+    ends = (bond_index.long() + offsets[:, None, None])[bond_mask]  # [M, 2]
+    edge_index = torch.cat([ends.t(), ends.flip(1).t()], dim=1)
+    attr = bond_feats[bond_mask].long()
+    edge_attr = torch.cat([attr, attr], dim=0)
+    return x, edge_index, edge_attr, batch
+
+
+def concat_graphs(graphs: Sequence[Graph]) -> Graph:
+    """Concatenate flat graph batches into one (offsetting atom indices and graph ids)."""
+    xs, eis, eas, batches = [], [], [], []
+    atom_offset = graph_offset = 0
+    for x, edge_index, edge_attr, batch, num_graphs in graphs:
+        xs.append(x)
+        eis.append(edge_index + atom_offset)
+        eas.append(edge_attr)
+        batches.append(batch + graph_offset)
+        atom_offset += x.shape[0]
+        graph_offset += num_graphs
+    return (
+        torch.cat(xs, 0),
+        torch.cat(eis, 1),
+        torch.cat(eas, 0),
+        torch.cat(batches, 0),
+        graph_offset,
+    )
+
+
+def state_dict_sha256(state_dict: dict[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors of a state dict."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
