@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         ge=5,
         description="Redis redelivers an unacknowledged task after this; > longest task.",
     )
+    unacked_restore_interval_s: int = Field(
+        30, ge=1, description="How often a worker looks for expired unacknowledged tasks."
+    )
     task_time_limit_s: int = Field(1800, ge=1, description="Hard limit of one task.")
     sweep_interval_s: float = Field(60.0, gt=0, description="How often beat re-enqueues lost jobs.")
     sweep_grace_s: float = Field(

@@ -95,6 +95,7 @@ def make_settings(tmp: Path, **overrides: object) -> Settings:
         "triton_retry_max_s": 2.0,
         "triton_max_retries": 40,
         "visibility_timeout_s": 20,
+        "unacked_restore_interval_s": 2,
         "sweep_grace_s": 3.0,
         "sweep_interval_s": 5.0,
         "chem_chunk_size": 16,

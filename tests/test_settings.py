@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,8 @@ from medbatch.settings import Settings
 
 def test_defaults_are_a_single_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    for var in ("MEDBATCH_DATABASE_URL", "MEDBATCH_BROKER_URL", "MEDBATCH_STORAGE_DIR"):
-        monkeypatch.delenv(var, raising=False)
+    for var in [v for v in os.environ if v.startswith("MEDBATCH_")]:
+        monkeypatch.delenv(var)
     s = Settings()
     assert s.database_url == f"sqlite:///{(tmp_path / 'var' / 'medbatch.db').resolve()}"
     assert s.broker_url.startswith("redis://127.0.0.1:")

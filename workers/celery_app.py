@@ -25,6 +25,10 @@ def configure(app: Celery, settings: Settings) -> None:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
+            # Scan for tasks whose worker vanished every interval (kombu's default throttle
+            # would make that ten intervals), so redelivery follows the visibility timeout.
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": 1,
             "socket_keepalive": True,
             "health_check_interval": 10,
         },
