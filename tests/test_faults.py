@@ -166,3 +166,39 @@ def test_messages_lost_by_redis_are_republished_by_the_sweeper(
             .where(AuditEvent.action == "job.republished")
         )
     assert republished >= len(res.chunk_ids)
+
+
+def test_retries_exhausted_fail_the_job_with_a_clear_reason(
+    stack: EmbeddedStack, nci_smiles: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    """A worker whose Triton never comes back gives up after its retries and says so."""
+    from medbatch.stack.process import free_port
+    from medbatch.stack.worker_process import worker_process, worker_ready
+    from tests.conftest import activate
+
+    base = stack.settings
+    nowhere = base.model_copy(
+        update={
+            "triton_grpc_port": free_port(),  # nothing listens there
+            "triton_max_retries": 2,
+            "triton_retry_base_s": 0.2,
+            "queue_chem": "chem-isolated",  # keep the session's worker out of it
+        }
+    )
+    library = _library(tmp_path, nci_smiles, 3, 1400, "never.smi")
+    proc = worker_process(nowhere, tmp_path, queues=["chem-isolated"]).start()
+    try:
+        proc.wait_until(lambda: worker_ready(proc), 120, "ready")
+        activate(nowhere)
+        res = submit_library(library, nowhere, publish)
+        job = wait_for_job(nowhere, res.job_id, timeout=120)
+    finally:
+        activate(base)
+        proc.stop()
+    assert job.state == JobState.FAILED.value
+    (chunk,) = chunk_jobs(base, res.job_id)
+    assert chunk.state == JobState.FAILED.value and chunk.attempts == 3
+    assert "Triton was unavailable through 2 retries" in (chunk.error or "")
+    assert "medbatch retry" in (chunk.error or "")
+    assert "1 of 1 chunks failed" in (job.error or "")
+    assert predictions_for(base, res.job_id) == []
