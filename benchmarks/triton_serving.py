@@ -210,7 +210,7 @@ def main() -> None:
             server.wait_until(lambda: is_ready(settings), 240, "ready")
             triton = TritonSide(settings.triton_grpc_url)
             probe = chunks(graphs, 64, 1)[0]
-            max_diff = float(np.abs(triton(probe) - inproc(probe)).max())
+            max_diff = float(np.abs(triton(probe).ravel() - inproc(probe).ravel()).max())
             rows: list[dict[str, Any]] = []
             for size, count in plan.items():
                 work = chunks(graphs, size, count)

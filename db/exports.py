@@ -115,7 +115,7 @@ def _rejected(session: Session, job_id: int, page: int) -> Iterator[dict[str, An
     last = 0
     while True:
         rows = session.execute(
-            select(Rejection.line_no, Rejection.raw, Rejection.reason)
+            select(Rejection.line_no, Rejection.record_name, Rejection.raw, Rejection.reason)
             .where(Rejection.job_id == job_id, Rejection.line_no > last)
             .order_by(Rejection.line_no)
             .limit(page)
@@ -126,6 +126,7 @@ def _rejected(session: Session, job_id: int, page: int) -> Iterator[dict[str, An
             yield {
                 **dict.fromkeys(COLUMNS),
                 "line_no": r.line_no,
+                "record_name": r.record_name,
                 "status": "rejected",
                 "reason": r.reason,
                 "input": r.raw,

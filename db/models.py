@@ -132,6 +132,7 @@ class Rejection(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id"))
     line_no: Mapped[int] = mapped_column(Integer)
+    record_name: Mapped[str | None] = mapped_column(String(256), nullable=True)
     raw: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
 

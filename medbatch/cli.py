@@ -35,6 +35,7 @@ SAMPLE_LIBRARY = REPO_ROOT / "samples" / "library.smi"
 def _settings() -> Settings:
     s = get_settings()
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     return s
 
 

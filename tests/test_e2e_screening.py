@@ -114,6 +114,9 @@ def test_library_is_scored_once_per_unique_molecule(
     assert [int(r["line_no"]) for r in rows] == sorted(int(r["line_no"]) for r in rows)
     statuses = [r["status"] for r in rows]
     assert statuses.count("rejected") == len(INVALID)
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert [r["record_name"] for r in rejected] == [f"bad-{i}" for i in range(len(INVALID))]
+    assert all(r["reason"] and r["input"] for r in rejected)
     assert statuses.count("duplicate") == 2
     assert statuses.count("scored") == n_unique
     assert all(r["logS"] for r in rows if r["status"] == "scored")

@@ -146,12 +146,12 @@ class _Submission:
             if isinstance(result, Canonical):
                 valid.append((rec, result))
             else:
-                raw = rec.text if not rec.molblock else (rec.name or rec.text.split("\n", 1)[0])
                 rejections.append(
                     {
                         "job_id": self.job_id,
                         "line_no": rec.line_no,
-                        "raw": raw[:500],
+                        "record_name": rec.name[:256] if rec.name else None,
+                        "raw": rec.text[:500],
                         "reason": result.reason,
                     }
                 )

@@ -187,6 +187,7 @@ def upgrade() -> None:
         ),
         sa.Column("job_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("line_no", sa.Integer(), nullable=False),
+        sa.Column("record_name", sa.String(length=256), nullable=True),
         sa.Column("raw", sa.Text(), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.ForeignKeyConstraint(
