@@ -104,18 +104,22 @@ def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "",
     concurrency: Annotated[int, typer.Option(help="Processes.")] = 0,
     beat: Annotated[bool, typer.Option(help="Also run celery beat in this worker.")] = False,
+    name: Annotated[str, typer.Option(help="Node name; default medbatch-<queues>@<host>.")] = "",
 ) -> None:
     """Run a Celery worker in the foreground (replaces this process)."""
     from medbatch.stack.worker_process import worker_argv
 
     s = _settings()
     qs = queues.split(",") if queues else [s.queue_chem, s.queue_maintenance]
+    node = name or f"medbatch-{'-'.join(qs)}@%h"
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # pool children's metrics go here
+        metrics_dir = s.storage_dir.resolve() / "prometheus" / node.split("@")[0]
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in metrics_dir.glob("*.db"):
+            stale.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     argv = worker_argv(
-        qs,
-        concurrency or s.worker_concurrency,
-        f"medbatch-{os.getpid()}@%h",
-        beat=beat,
-        state_dir=s.storage_dir,
+        qs, concurrency or s.worker_concurrency, node, beat=beat, state_dir=s.storage_dir
     )
     os.execv(argv[0], argv)
 

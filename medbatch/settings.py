@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     chem_model_name: str = "molecule_gnn"
     chem_model_version: str = "1"
 
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the workers' /metrics.")
+    metrics_port: int = Field(0, ge=0, description="Prometheus port of a worker; 0 turns it off.")
+
     log_level: str = "INFO"
 
     @model_validator(mode="after")

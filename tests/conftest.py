@@ -100,6 +100,7 @@ def make_settings(tmp: Path, **overrides: object) -> Settings:
         "sweep_interval_s": 5.0,
         "chem_chunk_size": 16,
         "worker_concurrency": 1,
+        "metrics_port": free_port(),
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

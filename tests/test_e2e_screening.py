@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -128,6 +129,23 @@ def test_library_is_scored_once_per_unique_molecule(
 
     verify = runner.invoke(app, ["audit", "verify"])
     assert verify.exit_code == 0 and "intact" in verify.output
+
+    # The worker's main process serves its pool children's Prometheus metrics.
+    metrics = _scrape(settings.metrics_port)
+    assert metrics['medbatch_items_scored_total{kind="chem_chunk"}'] >= len(preds)
+    assert metrics['medbatch_chunks_total{kind="chem_chunk",outcome="done"}'] >= len(chunks)
+    assert metrics['medbatch_triton_request_seconds_count{model="molecule_gnn"}'] >= len(chunks)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
 
 
 def test_resubmission_is_idempotent_and_dedup_spans_runs(

@@ -63,7 +63,7 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
-app = Celery("medbatch", include=["workers.chem.tasks", "workers.sweeper"])
+app = Celery("medbatch", include=["workers.chem.tasks", "workers.sweeper", "workers.metrics"])
 configure(app, get_settings())
 
 

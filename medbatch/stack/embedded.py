@@ -88,7 +88,12 @@ class EmbeddedStack:
 
     def add_worker(self, *, beat: bool = False, wait: bool = True) -> ManagedProcess:
         """Start one more worker process (also how a killed worker is replaced)."""
-        proc = worker_process(self.settings, self.state_dir, beat=beat).start()
+        settings = self.settings
+        if settings.metrics_port:  # one port per worker process on this machine
+            settings = settings.model_copy(
+                update={"metrics_port": settings.metrics_port + len(self.workers)}
+            )
+        proc = worker_process(settings, self.state_dir, beat=beat).start()
         self.started.append(proc)
         self.workers.append(proc)
         if wait:

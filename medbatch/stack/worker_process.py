@@ -56,12 +56,17 @@ def worker_process(
     queues = queues or [settings.queue_chem, settings.queue_maintenance]
     name = f"medbatch-{uuid.uuid4().hex[:8]}@%h"
     log = state_dir / "workers" / f"{name.split('@')[0]}.log"
+    env = settings_env(settings)
+    # prometheus-client's multiprocess mode: pool children write here, the main process serves.
+    metrics_dir = state_dir / "workers" / f"{name.split('@')[0]}.prometheus"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     return ManagedProcess(
         name,
         worker_argv(
             queues, concurrency or settings.worker_concurrency, name, beat=beat, state_dir=state_dir
         ),
-        settings_env(settings),
+        env,
         log,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from typing import Any
 
 from celery import Task
@@ -17,7 +18,16 @@ from sqlalchemy import select
 
 from db import audit
 from db.jobs import finish_parent_if_complete, transition
-from db.models import TERMINAL_STATES, ChunkItem, Compound, Job, JobState, Prediction, utcnow
+from db.models import (
+    TERMINAL_STATES,
+    ChunkItem,
+    Compound,
+    Job,
+    JobKind,
+    JobState,
+    Prediction,
+    utcnow,
+)
 from db.session import session_scope
 from db.upsert import insert_ignore
 from medbatch.errors import InferenceError, InferenceUnavailableError
@@ -25,6 +35,7 @@ from medbatch.settings import Settings, get_settings
 from workers import triton_client
 from workers.celery_app import TASK_SCORE_CHUNK, app
 from workers.chem.featurize import featurize_smiles
+from workers.metrics import CHUNKS, ITEMS, TRITON_SECONDS, TRITON_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,7 @@ def _load_chunk(job_id: int, settings: Settings) -> list[tuple[int, str]]:
 def _close(
     job_id: int, parent_id: int | None, state: JobState, settings: Settings, **kw: Any
 ) -> None:
+    CHUNKS.labels(JobKind.CHEM_CHUNK.value, state.value).inc()
     actor = audit.current_actor("worker")
     with session_scope(settings.database_url) as session:
         transition(session, job_id, state, actor=actor, **kw)
@@ -88,6 +100,7 @@ def score_chunk(self: Task, job_id: int) -> str:
         _close(job_id, parent_id, JobState.FAILED, settings, error=f"featurisation failed: {exc}")
         return "failed"
 
+    started = time.perf_counter()
     try:
         out = triton_client.infer(
             settings.triton_grpc_url,
@@ -99,6 +112,7 @@ def score_chunk(self: Task, job_id: int) -> str:
             request_id=f"chunk-{job_id}",
         )
     except InferenceUnavailableError as exc:
+        TRITON_UNAVAILABLE.labels(model).inc()
         retries = int(self.request.retries or 0)
         if retries >= settings.triton_max_retries:
             _close(
@@ -128,6 +142,7 @@ def score_chunk(self: Task, job_id: int) -> str:
         _close(job_id, parent_id, JobState.FAILED, settings, error=str(exc))
         return "failed"
 
+    TRITON_SECONDS.labels(model).observe(time.perf_counter() - started)
     logs = out["LOGS"].reshape(-1)
     if logs.shape[0] != len(items):
         _close(
@@ -160,6 +175,9 @@ def score_chunk(self: Task, job_id: int) -> str:
             summary={"scored": len(rows), "model": model, "model_version": version},
             details={"predictions": len(rows), "newly_stored": inserted},
         )
+    CHUNKS.labels(JobKind.CHEM_CHUNK.value, JobState.DONE.value).inc()
+    ITEMS.labels(JobKind.CHEM_CHUNK.value).inc(len(rows))
+    log.info("chunk job %s: %d molecules scored by %s v%s", job_id, len(rows), model, version)
     if parent_id is not None:
         with session_scope(settings.database_url) as session:
             finish_parent_if_complete(session, parent_id, actor=actor)
