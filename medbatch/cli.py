@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -471,8 +470,3 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     s = _settings()
     upgrade(s.database_url, revision)
     out.print(f"database at {revision}")
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app(prog_name="medbatch")
-    sys.exit(0)
