@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     unacked_restore_interval_s: int = Field(
         30, ge=1, description="How often a worker looks for expired unacknowledged tasks."
     )
+    max_deliveries: int = Field(
+        5, ge=1, description="Deliveries of one job that end without a result before it fails."
+    )
     task_time_limit_s: int = Field(1800, ge=1, description="Hard limit of one task.")
     sweep_interval_s: float = Field(60.0, gt=0, description="How often beat re-enqueues lost jobs.")
     sweep_grace_s: float = Field(

@@ -10,7 +10,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from db.models import AuditEvent, JobState
+from db.models import AuditEvent, Job, JobState
 from db.session import session_scope
 from ingest.chem.submit import submit_library
 from medbatch.stack.embedded import EmbeddedStack
@@ -202,3 +202,26 @@ def test_retries_exhausted_fail_the_job_with_a_clear_reason(
     assert "medbatch retry" in (chunk.error or "")
     assert "1 of 1 chunks failed" in (job.error or "")
     assert predictions_for(base, res.job_id) == []
+
+
+def test_a_chunk_that_keeps_killing_its_worker_is_failed_not_retried_forever(
+    stack: EmbeddedStack, nci_smiles: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    settings = stack.settings
+    _live_worker(stack)
+    held: list[int] = []
+    library = _library(tmp_path, nci_smiles, 4, 1500, "poison.smi")
+    res = submit_library(library, settings, lambda job_id, kind: held.append(job_id))
+    (chunk_id,) = held
+    with session_scope(settings.database_url) as s:  # as after five deliveries that died
+        s.execute(
+            Job.__table__.update()
+            .where(Job.id == chunk_id)
+            .values(state="running", attempts=settings.max_deliveries)
+        )
+    publish(chunk_id, "chem_chunk")
+    job = wait_for_job(settings, res.job_id, timeout=60)
+    assert job.state == JobState.FAILED.value
+    (chunk,) = chunk_jobs(settings, res.job_id)
+    assert chunk.state == "failed" and "gave up after 5 deliveries" in (chunk.error or "")
+    assert predictions_for(settings, res.job_id) == []

@@ -7,6 +7,7 @@ stores every result exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -14,7 +15,9 @@ import time
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Retry
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db import audit
 from db.jobs import finish_parent_if_complete, transition
@@ -73,8 +76,37 @@ def _close(
 
 @app.task(name=TASK_SCORE_CHUNK, bind=True, max_retries=None)
 def score_chunk(self: Task, job_id: int) -> str:
-    """Celery entry point; returns a short outcome word (kept in the worker log only)."""
+    """Celery entry point; returns a short outcome word (kept in the worker log only).
+
+    Whatever happens, the job ends in a state that says so: a database outage is retried like a
+    Triton outage, and any other error fails the chunk with its message instead of leaving it
+    ``running`` behind an acknowledged message.
+    """
     settings = get_settings()
+    try:
+        return _score_chunk(self, job_id, settings)
+    except Retry:
+        raise
+    except DBAPIError as exc:
+        if not exc.connection_invalidated and not isinstance(exc, OperationalError):
+            raise
+        retries = int(self.request.retries or 0)
+        raise self.retry(countdown=backoff_s(settings, retries), exc=exc) from exc
+    except Exception as exc:
+        log.exception("chunk job %s failed unexpectedly", job_id)
+        with contextlib.suppress(Exception):
+            parent = _parent_of(job_id, settings)
+            _close(job_id, parent, JobState.FAILED, settings, error=f"internal error: {exc!r}")
+        raise
+
+
+def _parent_of(job_id: int, settings: Settings) -> int | None:
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        return job.parent_id if job is not None else None
+
+
+def _score_chunk(self: Task, job_id: int, settings: Settings) -> str:
     actor = audit.current_actor("worker")
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
@@ -85,10 +117,26 @@ def score_chunk(self: Task, job_id: int) -> str:
             log.info("chunk job %s already %s; duplicate delivery ignored", job_id, job.state)
             return f"already-{job.state}"
         parent_id = job.parent_id
+        deliveries = job.attempts - int(self.request.retries or 0)
+        if deliveries >= settings.max_deliveries:
+            error = (
+                f"gave up after {deliveries} deliveries that ended without a result "
+                "(worker killed or timed out each time); see the worker logs, then `medbatch retry`"
+            )
+            transition(session, job_id, JobState.FAILED, actor=actor, error=error)
+            poisoned = True
+        else:
+            poisoned = False
         model = str(job.params.get("model_name", settings.chem_model_name))
         version = str(job.params.get("model_version", settings.chem_model_version))
-        if not transition(session, job_id, JobState.RUNNING, actor=actor):
+        if not poisoned and not transition(session, job_id, JobState.RUNNING, actor=actor):
             return "not-runnable"
+    if poisoned:
+        CHUNKS.labels(JobKind.CHEM_CHUNK.value, JobState.FAILED.value).inc()
+        if parent_id is not None:
+            with session_scope(settings.database_url) as session:
+                finish_parent_if_complete(session, parent_id, actor=actor)
+        return "failed"
 
     items = _load_chunk(job_id, settings)
     if not items:
