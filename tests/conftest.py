@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -115,14 +116,42 @@ def activate(settings: Settings) -> None:
     )
     get_settings.cache_clear()
     configure(app, settings)
+    _drop_broker_pool(app)
+
+
+def _drop_broker_pool(app: object) -> None:
+    """Forget the pools of the previous broker (Celery caches them; kombu keeps them by URL, so
+    they are dropped, not closed: going back to an earlier broker finds its pool intact)."""
+    if getattr(app, "_pool", None) is not None:
+        app._pool = None  # type: ignore[attr-defined]
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+
+
+@contextmanager
+def private_stack(settings: Settings, **kw: object) -> Iterator[EmbeddedStack]:
+    """A stack for ``settings``; the process-wide settings are restored afterwards."""
+    from workers.celery_app import app, configure
+
+    saved = dict(os.environ)
+    activate(settings)
+    try:
+        with EmbeddedStack(settings, ready_timeout_s=240, **kw) as running:  # type: ignore[arg-type]
+            yield running
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+        configure(app, get_settings())
+        _drop_broker_pool(app)
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     """Real Redis + Triton + one Celery worker, for the whole session."""
     settings = make_settings(tmp_path_factory.mktemp("stack"))
-    activate(settings)
-    with EmbeddedStack(settings, workers=1, beat=False, ready_timeout_s=240) as running:
+    with private_stack(settings, workers=1, beat=False) as running:
         yield running
 
 

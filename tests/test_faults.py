@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import redis
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
 from db.models import AuditEvent, Job, JobState
 from db.session import session_scope
 from ingest.chem.submit import submit_library
+from medbatch.cli import app
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.triton_server import is_ready
 from tests.helpers import (
@@ -202,6 +204,15 @@ def test_retries_exhausted_fail_the_job_with_a_clear_reason(
     assert "medbatch retry" in (chunk.error or "")
     assert "1 of 1 chunks failed" in (job.error or "")
     assert predictions_for(base, res.job_id) == []
+
+    # Triton is reachable for the session's worker: `medbatch retry` re-queues the failed chunk.
+    _live_worker(stack)
+    result = CliRunner().invoke(app, ["retry", str(res.job_id)])
+    assert result.exit_code == 0 and "re-queued 1 chunk job" in result.output, result.output
+    assert wait_for_job(base, res.job_id, timeout=120).state == JobState.DONE.value
+    assert len(predictions_for(base, res.job_id)) == 3
+    (chunk,) = chunk_jobs(base, res.job_id)
+    assert chunk.state == "done" and chunk.error is None
 
 
 def test_a_chunk_that_keeps_killing_its_worker_is_failed_not_retried_forever(
