@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db import audit
-from db.models import TERMINAL_STATES, Job, JobState, utcnow
+from db.models import TERMINAL_STATES, Job, JobKind, JobState, utcnow
 from medbatch.errors import JobNotFoundError
 
 #: Allowed predecessors of each state. ``running → running`` is a redelivery after a crash;
@@ -110,3 +110,38 @@ def finish_parent_if_complete(session: Session, parent_id: int, *, actor: str) -
             summary=summary,
         )
     return transition(session, parent_id, JobState.DONE, actor=actor, summary=summary)
+
+
+def retry_failed(session: Session, job_id: int, *, actor: str) -> list[int]:
+    """An operator's retry: re-queue a failed chunk, or a screening job's failed chunks.
+
+    Their delivery count starts again (the audit event keeps the old one), and a failed parent
+    re-opens so it closes again when its chunks do. Returns the chunk ids to publish.
+    """
+    job = get_job(session, job_id)
+    if job.kind == JobKind.CHEM_CHUNK.value:
+        candidates = [(job.id, job.attempts)] if job.state == JobState.FAILED.value else []
+    else:
+        candidates = [
+            (int(i), int(a))
+            for i, a in session.execute(
+                select(Job.id, Job.attempts).where(
+                    Job.parent_id == job.id, Job.state == JobState.FAILED.value
+                )
+            )
+        ]
+    requeued = []
+    for chunk_id, attempts in candidates:
+        if transition(
+            session,
+            chunk_id,
+            JobState.QUEUED,
+            actor=actor,
+            details={"by": "retry", "previous_attempts": attempts},
+        ):
+            session.execute(update(Job).where(Job.id == chunk_id).values(attempts=0))
+            requeued.append(chunk_id)
+    parent_id = job.parent_id if job.kind == JobKind.CHEM_CHUNK.value else job.id
+    if requeued and parent_id is not None:  # a failed parent re-opens (refused otherwise)
+        transition(session, parent_id, JobState.QUEUED, actor=actor, details={"by": "retry"})
+    return requeued

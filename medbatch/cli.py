@@ -406,37 +406,17 @@ def retry(
 ) -> None:
     """Re-queue failed chunk jobs (after fixing what made them fail)."""
     from db import audit
-    from db.jobs import get_job, transition
-    from db.models import Job, JobKind, JobState
+    from db.jobs import retry_failed
+    from db.models import JobKind
     from db.session import session_scope
     from workers.dispatch import publish
 
     s = _settings()
-    actor = audit.current_actor()
-    with session_scope(s.database_url) as session:
-        job = get_job(session, job_id)
-        ids = (
-            [job.id]
-            if job.kind == JobKind.CHEM_CHUNK.value
-            else list(
-                session.scalars(
-                    select(Job.id).where(
-                        Job.parent_id == job.id, Job.state == JobState.FAILED.value
-                    )
-                )
-            )
-        )
-        requeued = [
-            i
-            for i in ids
-            if transition(session, i, JobState.QUEUED, actor=actor, details={"by": "retry"})
-        ]
-        if (
-            job.kind == JobKind.CHEM_SCREEN.value
-            and requeued
-            and job.state == JobState.FAILED.value
-        ):
-            transition(session, job.id, JobState.QUEUED, actor=actor)
+    try:
+        with session_scope(s.database_url) as session:
+            requeued = retry_failed(session, job_id, actor=audit.current_actor())
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
     for i in requeued:
         publish(i, JobKind.CHEM_CHUNK.value)
     out.print(f"re-queued {len(requeued)} chunk job(s)")

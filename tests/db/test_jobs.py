@@ -115,3 +115,25 @@ def test_insert_ignore_stores_each_result_once(db_url: str) -> None:
 def test_audit_actor_names_a_worker() -> None:
     assert audit.current_actor("worker").startswith("worker:")
     assert audit.current_actor().startswith("user:")
+
+
+def test_retry_requeues_failed_chunks_and_reopens_the_parent(db_url: str) -> None:
+    from db.jobs import retry_failed
+
+    parent = _job(db_url, "rp", kind=JobKind.CHEM_SCREEN)
+    ok, bad = _job(db_url, "r1", parent=parent), _job(db_url, "r2", parent=parent)
+    with session_scope(db_url) as s:
+        transition(s, parent, JobState.QUEUED, actor="t")
+        for k in (ok, bad):
+            transition(s, k, JobState.QUEUED, actor="t")
+            transition(s, k, JobState.RUNNING, actor="t")
+        transition(s, ok, JobState.DONE, actor="t")
+        transition(s, bad, JobState.FAILED, actor="t", error="Triton refused")
+        finish_parent_if_complete(s, parent, actor="t")
+    with session_scope(db_url) as s:
+        assert retry_failed(s, parent, actor="ops") == [bad]
+    with session_scope(db_url) as s:
+        chunk, top = s.get(Job, bad), s.get(Job, parent)
+        assert chunk is not None and chunk.state == "queued" and chunk.attempts == 0
+        assert top is not None and top.state == "queued"
+        assert retry_failed(s, parent, actor="ops") == []  # nothing failed any more

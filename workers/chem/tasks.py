@@ -117,25 +117,20 @@ def _score_chunk(self: Task, job_id: int, settings: Settings) -> str:
             log.info("chunk job %s already %s; duplicate delivery ignored", job_id, job.state)
             return f"already-{job.state}"
         parent_id = job.parent_id
+        # Runs that ended without a result, not counting retries we scheduled ourselves.
         deliveries = job.attempts - int(self.request.retries or 0)
-        if deliveries >= settings.max_deliveries:
-            error = (
-                f"gave up after {deliveries} deliveries that ended without a result "
-                "(worker killed or timed out each time); see the worker logs, then `medbatch retry`"
-            )
-            transition(session, job_id, JobState.FAILED, actor=actor, error=error)
-            poisoned = True
-        else:
-            poisoned = False
         model = str(job.params.get("model_name", settings.chem_model_name))
         version = str(job.params.get("model_version", settings.chem_model_version))
-        if not poisoned and not transition(session, job_id, JobState.RUNNING, actor=actor):
+        if deliveries < settings.max_deliveries and not transition(
+            session, job_id, JobState.RUNNING, actor=actor
+        ):
             return "not-runnable"
-    if poisoned:
-        CHUNKS.labels(JobKind.CHEM_CHUNK.value, JobState.FAILED.value).inc()
-        if parent_id is not None:
-            with session_scope(settings.database_url) as session:
-                finish_parent_if_complete(session, parent_id, actor=actor)
+    if deliveries >= settings.max_deliveries:
+        error = (
+            f"gave up after {deliveries} deliveries that ended without a result "
+            "(worker killed or timed out each time); see the worker logs, then `medbatch retry`"
+        )
+        _close(job_id, parent_id, JobState.FAILED, settings, error=error)
         return "failed"
 
     items = _load_chunk(job_id, settings)
