@@ -206,9 +206,22 @@ def _screen(s: Settings, library: Path, *, wait: bool, timeout: float, **opts: o
             "(use --force)"
         )
     if wait:
+        if not _consumers(s.queue_chem):
+            console.print(
+                f"[yellow]no worker consumes the '{s.queue_chem}' queue right now[/]: the job is "
+                "stored and queued, and runs when one starts (`medbatch up` or `medbatch worker`)"
+            )
         _wait_for(s, result.job_id, timeout)
     _print_summary(s, result.job_id)
     return result.job_id
+
+
+def _consumers(queue: str) -> list[str]:
+    """Names of the workers consuming ``queue`` (asked over the broker, one second at most)."""
+    from workers.celery_app import app as celery_app
+
+    replies = celery_app.control.inspect(timeout=1.0).active_queues() or {}
+    return [name for name, queues in replies.items() if any(q["name"] == queue for q in queues)]
 
 
 def _wait_for(s: Settings, job_id: int, timeout: float) -> None:

@@ -53,6 +53,7 @@ def test_library_is_scored_once_per_unique_molecule(
     result = runner.invoke(app, ["screen", str(library), "--timeout", "300"])
     assert result.exit_code == 0, result.output
     assert "duplicates in file" in result.output
+    assert "no worker consumes" not in result.output  # the session's worker answered
 
     with session_scope(settings.database_url) as session:
         job_id = session.scalar(
