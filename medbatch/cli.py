@@ -85,6 +85,9 @@ def demo(
     ),
 ) -> None:
     """The main job end to end on the embedded defaults: up, screen a library, export, down."""
+    from db import audit
+    from db.session import session_scope
+    from medbatch.reports.screening import render_screening_report
     from medbatch.stack.embedded import EmbeddedStack
 
     s = _settings()
@@ -94,6 +97,10 @@ def demo(
         ):
             job_id = _screen(s, library, wait=True, timeout=1800)
             _export(s, job_id, out_file)
+            report_file = out_file.with_suffix(".html")
+            with session_scope(s.database_url) as session:
+                render_screening_report(session, job_id, report_file, actor=audit.current_actor())
+            console.print(f"[green]✓[/] wrote {report_file}: open it in a browser")
     except MedbatchError as exc:
         raise _fail(exc) from exc
 
@@ -408,6 +415,25 @@ def results(
         _export(_settings(), job_id, out_file)
     except MedbatchError as exc:
         raise _fail(exc) from exc
+
+
+@app.command()
+def report(
+    job_id: Annotated[int, typer.Argument(help="A screening job id (see `medbatch jobs`).")],
+    out_file: Annotated[Path, typer.Option("--out", help="report.html")],
+) -> None:
+    """An HTML report: counts, the logS histogram, structures at both ends, rejected rows."""
+    from db import audit
+    from db.session import session_scope
+    from medbatch.reports.screening import render_screening_report
+
+    s = _settings()
+    try:
+        with session_scope(s.database_url) as session:
+            render_screening_report(session, job_id, out_file, actor=audit.current_actor())
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+    console.print(f"[green]✓[/] wrote {out_file}")
 
 
 @app.command()

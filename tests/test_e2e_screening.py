@@ -128,6 +128,10 @@ def test_library_is_scored_once_per_unique_molecule(
     table = pq.read_table(out_parquet)
     assert table.num_rows == len(lines)
 
+    report = tmp_path / "report.html"
+    assert runner.invoke(app, ["report", str(job_id), "--out", str(report)]).exit_code == 0
+    assert report.read_text().count("<svg") > 10
+
     verify = runner.invoke(app, ["audit", "verify"])
     assert verify.exit_code == 0 and "intact" in verify.output
 

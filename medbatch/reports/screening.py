@@ -1,0 +1,148 @@
+"""A screening job as one self-contained HTML page: what came in, what was scored, the
+distribution of predicted solubility, the molecules at both ends drawn by RDKit, and every
+rejected row with its reason. Chemists look at structures and histograms, not CSV files."""
+
+from __future__ import annotations
+
+import html
+import io
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, select_autoescape
+from matplotlib.figure import Figure
+from rdkit import Chem
+from rdkit.Chem.Draw import rdMolDraw2D
+from sqlalchemy.orm import Session
+
+from db import audit
+from db.exports import iter_screen_results
+from db.jobs import get_job
+
+#: Solubility classes commonly used for logS (mol/L) in early discovery.
+BANDS = [
+    (-99.0, -5.0, "poorly soluble", "#f4cccc"),
+    (-5.0, -3.0, "moderately soluble", "#fff2cc"),
+    (-3.0, -1.0, "soluble", "#d9ead3"),
+    (-1.0, 99.0, "highly soluble", "#cfe2f3"),
+]
+#: logS range of molecule_gnn's training set (Huuskonen, 1,025 molecules; see its model card).
+#: Predictions outside it are extrapolations and are flagged as such.
+TRAINING_RANGE = (-11.62, 1.58)
+EXTREMES = 8
+REJECTED_SHOWN = 200
+
+
+@dataclass
+class _Row:
+    line_no: int
+    name: str
+    smiles: str
+    logs: float
+
+
+def _histogram_svg(values: list[float]) -> str:
+    fig = Figure(figsize=(7.5, 3.2), dpi=100)  # no pyplot: no global state, no display
+    ax = fig.subplots()
+    lo, hi = (min(values), max(values)) if values else (-8.0, 2.0)
+    lo, hi = min(lo, -8.0), max(hi, 2.0)
+    for start, end, label, colour in BANDS:
+        ax.axvspan(max(start, lo), min(end, hi), color=colour, alpha=0.8, lw=0, label=label)
+    ax.hist(values, bins=40, range=(lo, hi), color="#2b4c7e", edgecolor="white", linewidth=0.4)
+    ax.set_xlabel("predicted logS  (log10 mol/L)")
+    ax.set_ylabel("molecules")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def _structure_svg(smiles: str, size: int = 200) -> str:
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        return ""
+    drawer = rdMolDraw2D.MolDraw2DSVG(size, size)
+    drawer.drawOptions().clearBackground = False
+    drawer.DrawMolecule(mol)
+    drawer.FinishDrawing()
+    text = drawer.GetDrawingText()
+    return text[text.index("<svg") :]
+
+
+TEMPLATE = files("medbatch.reports").joinpath("templates/screening.html.j2")
+
+
+def render_screening_report(session: Session, job_id: int, out: Path, *, actor: str) -> Path:
+    """Write the job's HTML report to ``out`` (audited as an access to its results)."""
+    job = get_job(session, job_id)
+    scored: list[_Row] = []
+    rejected: list[dict[str, Any]] = []
+    rejected_total = 0
+    for row in iter_screen_results(session, job_id):
+        if row["status"] == "scored" and row["logS"] is not None:
+            scored.append(
+                _Row(row["line_no"], row["record_name"] or "", row["canonical_smiles"], row["logS"])
+            )
+        elif row["status"] == "rejected":
+            rejected_total += 1
+            if len(rejected) < REJECTED_SHOWN:
+                rejected.append(row)
+    ordered = sorted(scored, key=lambda r: r.logs)
+    extremes = [
+        ("Least soluble", ordered[:EXTREMES]),
+        ("Most soluble", ordered[::-1][:EXTREMES]),
+    ]
+    summary = dict(job.summary or {})
+    counts = [
+        ("rows read", summary.get("rows", 0)),
+        ("valid molecules", summary.get("valid", 0)),
+        ("rejected rows", summary.get("rejected", 0)),
+        ("duplicates in the file", summary.get("duplicates", 0)),
+        ("scored earlier (not rescored)", summary.get("already_scored", 0)),
+        ("scored molecules in this report", len(scored)),
+        (
+            f"outside the training range {TRAINING_RANGE[0]} … {TRAINING_RANGE[1]} (extrapolated)",
+            sum(1 for r in scored if not TRAINING_RANGE[0] <= r.logs <= TRAINING_RANGE[1]),
+        ),
+    ]
+    env = Environment(autoescape=select_autoescape(default=True))
+    page = env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(
+        job=job,
+        model=html.escape(str(job.params.get("model_name", ""))),
+        version=html.escape(str(job.params.get("model_version", ""))),
+        created=f"{job.created_at:%Y-%m-%d %H:%M} UTC",
+        counts=counts,
+        scored=len(scored),
+        histogram=_histogram_svg([r.logs for r in scored]),
+        extremes=[
+            (
+                title,
+                [
+                    {
+                        **r.__dict__,
+                        "svg": _structure_svg(r.smiles),
+                        "extrapolated": not TRAINING_RANGE[0] <= r.logs <= TRAINING_RANGE[1],
+                    }
+                    for r in rows
+                ],
+            )
+            for title, rows in extremes
+        ],
+        rejected=rejected,
+        rejected_total=rejected_total,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    audit.append(
+        session,
+        actor=actor,
+        action="results.report",
+        subject=f"job:{job_id}",
+        details={"file": out.name, "scored": len(scored), "rejected": rejected_total},
+    )
+    return out
