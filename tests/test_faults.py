@@ -236,3 +236,31 @@ def test_a_chunk_that_keeps_killing_its_worker_is_failed_not_retried_forever(
     (chunk,) = chunk_jobs(settings, res.job_id)
     assert chunk.state == "failed" and "gave up after 5 deliveries" in (chunk.error or "")
     assert predictions_for(settings, res.job_id) == []
+
+
+def test_redis_restart_mid_run_loses_and_duplicates_nothing(
+    stack: EmbeddedStack, nci_smiles: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    """Redis restarts (append-only file on) while one chunk runs and another waits in its queue."""
+    settings = stack.settings
+    _live_worker(stack)
+    assert stack.triton is not None and stack.redis is not None
+    n = 2 * settings.chem_chunk_size
+    library = _library(tmp_path, nci_smiles, n, 1600, "restart.smi")
+    stack.triton.signal_group(signal.SIGSTOP)  # hold the first chunk inside infer()
+    try:
+        res = submit_library(library, settings, publish)
+        first, second = res.chunk_ids
+        wait_until(lambda: job_state(settings, first) == "running", 60, "the first chunk to start")
+        client = redis.Redis.from_url(settings.broker_url)
+        assert second in job_ids_in_broker(client, [settings.queue_chem])
+        stack.redis.stop()  # SIGTERM: redis-server syncs its append-only file and exits
+        stack.start_redis_server()
+        assert {first, second} <= job_ids_in_broker(client, [settings.queue_chem])
+    finally:
+        stack.triton.signal_group(signal.SIGCONT)
+    done = wait_for_job(settings, res.job_id, timeout=settings.visibility_timeout_s + 120)
+    assert done.state == JobState.DONE.value, done.error
+    preds = predictions_for(settings, res.job_id)
+    assert len(preds) == n == len({p.compound_id for p in preds})
+    assert all(c.state == "done" for c in chunk_jobs(settings, res.job_id))

@@ -68,9 +68,7 @@ class EmbeddedStack:
         if redis_server.ping(s.broker_url):
             self.report(f"using the Redis already answering at {s.broker_url}")
         else:
-            self.redis = redis_server.redis_process(s.broker_url, self.state_dir).start()
-            self.started.append(self.redis)
-            self.redis.wait_until(lambda: redis_server.ping(s.broker_url), 30, "answering PING")
+            self.start_redis_server()
             self.report(f"started a private redis-server at {s.broker_url}")
 
         if self.start_triton:
@@ -99,6 +97,14 @@ class EmbeddedStack:
         if wait:
             proc.wait_until(lambda: worker_ready(proc), self.ready_timeout_s, "ready")
         return proc
+
+    def start_redis_server(self) -> ManagedProcess:
+        """(Re)start the private redis-server (its append-only file brings the queues back)."""
+        s = self.settings
+        self.redis = redis_server.redis_process(s.broker_url, self.state_dir).start()
+        self.started.append(self.redis)
+        self.redis.wait_until(lambda: redis_server.ping(s.broker_url), 30, "answering PING")
+        return self.redis
 
     def start_triton_server(self) -> ManagedProcess:
         """(Re)start the Triton server on the configured ports and wait until it is ready."""
