@@ -136,7 +136,8 @@ def test_library_is_scored_once_per_unique_molecule(
     assert verify.exit_code == 0 and "intact" in verify.output
 
     # The worker's main process serves its pool children's Prometheus metrics.
-    metrics = _scrape(settings.metrics_port)
+    live = next(w for w in stack.workers if w.alive())
+    metrics = _scrape(stack.metrics_ports[live.name])
     assert metrics['medbatch_items_scored_total{kind="chem_chunk"}'] >= len(preds)
     assert metrics['medbatch_chunks_total{kind="chem_chunk",outcome="done"}'] >= len(chunks)
     assert metrics['medbatch_triton_request_seconds_count{model="molecule_gnn"}'] >= len(chunks)

@@ -43,6 +43,7 @@ class EmbeddedStack:
         self.ready_timeout_s = ready_timeout_s
         self.started: list[ManagedProcess] = []
         self.workers: list[ManagedProcess] = []
+        self.metrics_ports: dict[str, int] = {}  # worker name → its /metrics port (0: none)
         self.triton: ManagedProcess | None = None
         self.redis: ManagedProcess | None = None
 
@@ -94,6 +95,7 @@ class EmbeddedStack:
         proc = worker_process(settings, self.state_dir, beat=beat).start()
         self.started.append(proc)
         self.workers.append(proc)
+        self.metrics_ports[proc.name] = settings.metrics_port
         if wait:
             proc.wait_until(lambda: worker_ready(proc), self.ready_timeout_s, "ready")
         return proc
