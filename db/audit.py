@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import CursorResult, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import AuditEvent, AuditHead, utcnow
@@ -80,7 +80,7 @@ def append(
     """Append one event inside the caller's transaction; returns its sequence number."""
     details = details or {}
     # Take the chain head's row lock first (UPDATE), then read it: concurrent appenders queue here.
-    bumped = session.execute(
+    bumped: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)
     )
     if bumped.rowcount == 0:

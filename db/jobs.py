@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -50,7 +50,7 @@ def transition(
     if summary is not None:
         values["summary"] = summary
     allowed = [s.value for s in ALLOWED_FROM[to]]
-    result = session.execute(
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Job).where(Job.id == job_id, Job.state.in_(allowed)).values(**values)
     )
     if result.rowcount == 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from db.models import AuditEvent, Job, JobState
@@ -226,7 +226,7 @@ def test_a_chunk_that_keeps_killing_its_worker_is_failed_not_retried_forever(
     (chunk_id,) = held
     with session_scope(settings.database_url) as s:  # as after five deliveries that died
         s.execute(
-            Job.__table__.update()
+            update(Job)
             .where(Job.id == chunk_id)
             .values(state="running", attempts=settings.max_deliveries)
         )

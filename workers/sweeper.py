@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db import audit
 from db.jobs import transition
@@ -88,9 +88,7 @@ def sweep(settings: Settings | None = None) -> SweepReport:
             if state == JobState.RECEIVED.value:
                 transition(session, job_id, JobState.QUEUED, actor=actor)
             else:
-                session.execute(
-                    Job.__table__.update().where(Job.id == job_id).values(updated_at=utcnow())
-                )
+                session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow()))
             audit.append(
                 session,
                 actor=actor,

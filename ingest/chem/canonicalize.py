@@ -61,7 +61,8 @@ def _reason(messages: list[str], fallback: str) -> str:
 
 def canonicalize(text: str, *, molblock: bool = False) -> Canonical | Invalid:
     """Canonical SMILES and InChIKey of a SMILES string (or an MDL mol block), or why not."""
-    _local.messages = messages = []
+    messages: list[str] = []
+    _local.messages = messages
     try:
         if not molblock and not text.strip():
             return Invalid("empty SMILES")

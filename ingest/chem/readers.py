@@ -80,7 +80,9 @@ class LibraryReader:
         self._raw = raw
         magic = raw.read(2)
         raw.seek(0)
-        binary: IO[bytes] = gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw
+        binary: IO[bytes] = (
+            gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw  # type: ignore[assignment]
+        )
         self._text = io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="")
         return self
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -257,7 +257,7 @@ class _Submission:
     # -- chunks --------------------------------------------------------------------------------
     def make_chunks(self, session: Session, final: bool) -> list[int]:
         """Create chunk jobs (state received) for full chunks, or everything if ``final``."""
-        created = []
+        created: list[int] = []
         while len(self.pending) >= self.chunk_size or (final and self.pending):
             members, self.pending = self.pending[: self.chunk_size], self.pending[self.chunk_size :]
             index = len(self.chunk_ids) + len(created)
@@ -278,7 +278,7 @@ class _Submission:
             session.add(chunk)
             session.flush()
             session.execute(
-                ChunkItem.__table__.insert(),
+                insert(ChunkItem),
                 [
                     {"job_id": chunk.id, "position": i, "compound_id": c}
                     for i, c in enumerate(members)
@@ -385,7 +385,7 @@ def submit_library(
                     sub.add_batch(session, batch)
                     created = sub.make_chunks(session, final=False)
                     session.execute(
-                        Job.__table__.update()
+                        update(Job)
                         .where(Job.id == job_id)
                         .values(updated_at=utcnow(), summary=dict(sub.counts))
                     )
@@ -403,7 +403,7 @@ def submit_library(
     sub.publish(created, publisher)
     with session_scope(settings.database_url) as session:
         session.execute(
-            Job.__table__.update()
+            update(Job)
             .where(Job.id == job_id)
             .values(item_count=sub.counts["valid"], summary=dict(sub.counts))
         )

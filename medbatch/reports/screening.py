@@ -67,7 +67,7 @@ def _structure_svg(smiles: str, size: int = 200) -> str:
     if mol is None:
         return ""
     drawer = rdMolDraw2D.MolDraw2DSVG(size, size)
-    drawer.drawOptions().clearBackground = False
+    drawer.drawOptions().clearBackground = False  # type: ignore[assignment]
     drawer.DrawMolecule(mol)
     drawer.FinishDrawing()
     text = drawer.GetDrawingText()

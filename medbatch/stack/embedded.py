@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 
 from db.migrate import upgrade
@@ -82,7 +83,7 @@ class EmbeddedStack:
         for i in range(self.n_workers):
             self.add_worker(beat=self.beat and i == 0, wait=False)
         for proc in self.workers:
-            proc.wait_until(lambda p=proc: worker_ready(p), self.ready_timeout_s, "ready")
+            proc.wait_until(partial(worker_ready, proc), self.ready_timeout_s, "ready")
         self.report(f"{self.n_workers} Celery worker(s) ready on queues chem, maintenance")
 
     def add_worker(self, *, beat: bool = False, wait: bool = True) -> ManagedProcess:

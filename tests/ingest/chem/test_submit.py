@@ -11,7 +11,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from db.models import ChunkItem, Job, JobState, LibraryEntry, Prediction, Rejection
 from db.session import session_scope
@@ -113,7 +113,7 @@ def test_scored_molecules_are_not_rescored_in_a_new_file(db_url: str, tmp_path: 
                         outputs={"logS": 0.0},
                     )
                 )
-            s.execute(Job.__table__.update().where(Job.id == cid).values(state="done"))
+            s.execute(update(Job).where(Job.id == cid).values(state="done"))
     b = tmp_path / "b.smi"
     b.write_text("OCC\nCCCl\nNCC\n")  # ethanol and ethylamine again, spelled differently
     second = submit_library(b, settings, Recorder(db_url))
