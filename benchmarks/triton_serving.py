@@ -98,16 +98,8 @@ class InProcess:
     def __call__(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         torch = self.torch
         tensors = [torch.from_numpy(arrays[n]) for n in INPUT_NAMES]
-        x, ei, ea, batch = self.net.padded_to_batch(*tensors)
-        with torch.inference_mode():
-            pred = self.model(
-                x.to(self.device),
-                ei.to(self.device),
-                ea.to(self.device),
-                batch.to(self.device),
-                int(tensors[0].shape[0]),
-            )
-        return (pred.float() * self.std + self.mean).cpu().numpy()
+        graph = (*self.net.padded_to_batch(*tensors), int(tensors[0].shape[0]))
+        return self.net.predict_logs(self.model, graph, self.device, self.mean, self.std).numpy()
 
 
 class TritonSide:

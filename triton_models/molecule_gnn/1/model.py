@@ -110,16 +110,13 @@ class TritonPythonModel:
 
         if graphs:
             try:
-                x, edge_index, edge_attr, batch, num_graphs = self.network.concat_graphs(graphs)
-                with torch.inference_mode():
-                    pred = self.model(
-                        x.to(self.device),
-                        edge_index.to(self.device),
-                        edge_attr.to(self.device),
-                        batch.to(self.device),
-                        num_graphs,
-                    )
-                logs = (pred.float() * self.std + self.mean).cpu()
+                logs = self.network.predict_logs(
+                    self.model,
+                    self.network.concat_graphs(graphs),
+                    self.device,
+                    self.mean,
+                    self.std,
+                )
                 start = 0
                 for i, graph in zip(owners, graphs, strict=True):
                     b = graph[4]
