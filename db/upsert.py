@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -20,6 +21,9 @@ def insert_ignore(
         return 0
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(model).on_conflict_do_nothing(index_elements=list(conflict))
+    # RETURNING counts what was inserted on both dialects (an executemany's rowcount is -1 or 0
+    # on PostgreSQL); SQLAlchemy batches the rows into multi-row VALUES either way.
+    key = next(iter(inspect(model).primary_key))
+    stmt = insert(model).on_conflict_do_nothing(index_elements=list(conflict)).returning(key)
     result = session.connection().execute(stmt, list(rows))
-    return max(int(getattr(result, "rowcount", 0) or 0), 0)
+    return len(result.all())
