@@ -1,0 +1,143 @@
+"""What every task does around its own work: claim the job, give up on poison messages, wait
+out an unavailable dependency with back-off, and always leave the job in a state that says what
+happened. The chem, DICOM and send tasks share it so they behave the same under faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from db import audit
+from db.jobs import finish_parent_if_complete, transition
+from db.models import TERMINAL_STATES, Job, JobState
+from db.session import session_scope
+from medbatch.settings import Settings
+from workers.metrics import CHUNKS
+
+log = logging.getLogger(__name__)
+
+
+def backoff_s(settings: Settings, retries: int) -> float:
+    """Exponential back-off with ±20 % jitter, capped: retries spread out during an outage."""
+    delay = min(settings.triton_retry_base_s * (2**retries), settings.triton_retry_max_s)
+    return delay * random.uniform(0.8, 1.2)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this delivery now runs (state ``running``)."""
+
+    job_id: int
+    kind: str
+    parent_id: int | None
+    params: dict[str, Any]
+
+
+def claim(task: Task, job_id: int, settings: Settings) -> Claim | str:
+    """Move the job to ``running``, or return the outcome word when this delivery must not run.
+
+    Duplicate deliveries of a finished job are ignored; a job whose deliveries keep ending
+    without a result (worker killed, time limit) is failed after ``max_deliveries``.
+    """
+    actor = audit.current_actor("worker")
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            log.error("job %s does not exist; message dropped", job_id)
+            return "missing"
+        if JobState(job.state) in TERMINAL_STATES:
+            log.info("job %s already %s; duplicate delivery ignored", job_id, job.state)
+            return f"already-{job.state}"
+        found = Claim(job_id, job.kind, job.parent_id, dict(job.params or {}))
+        # Runs that ended without a result, not counting retries we scheduled ourselves.
+        deliveries = job.attempts - int(task.request.retries or 0)
+        if deliveries < settings.max_deliveries and not transition(
+            session, job_id, JobState.RUNNING, actor=actor
+        ):
+            return "not-runnable"
+    if deliveries >= settings.max_deliveries:
+        error = (
+            f"gave up after {deliveries} deliveries that ended without a result "
+            "(worker killed or timed out each time); see the worker logs, then `medbatch retry`"
+        )
+        close(found, JobState.FAILED, settings, error=error)
+        return "failed"
+    return found
+
+
+def close(job: Claim, state: JobState, settings: Settings, **kw: Any) -> None:
+    """Finish a job (and its parent, if this was the parent's last open child)."""
+    CHUNKS.labels(job.kind, state.value).inc()
+    actor = audit.current_actor("worker")
+    with session_scope(settings.database_url) as session:
+        transition(session, job.job_id, state, actor=actor, **kw)
+    if job.parent_id is not None:
+        with session_scope(settings.database_url) as session:
+            finish_parent_if_complete(session, job.parent_id, actor=actor)
+
+
+def wait_or_fail(
+    task: Task, job: Claim, settings: Settings, exc: Exception, *, what: str, remedy: str
+) -> str:
+    """A dependency (Triton, a destination AE) is unavailable: re-queue with back-off, or fail
+    the job once the retries are spent. Raises Celery's Retry in the first case."""
+    retries = int(task.request.retries or 0)
+    if retries >= settings.triton_max_retries:
+        close(
+            job,
+            JobState.FAILED,
+            settings,
+            error=(
+                f"{what} was unavailable through {retries} retries "
+                f"(about {settings.longest_backoff_total_s:.0f} s): {exc}. {remedy}"
+            ),
+        )
+        return "failed"
+    countdown = backoff_s(settings, retries)
+    with session_scope(settings.database_url) as session:
+        transition(
+            session,
+            job.job_id,
+            JobState.QUEUED,
+            actor=audit.current_actor("worker"),
+            error=f"waiting for {what} (retry {retries + 1} of {settings.triton_max_retries} "
+            f"in {countdown:.0f} s): {exc}",
+        )
+    raise task.retry(countdown=countdown, exc=exc) from exc
+
+
+def run_guarded(
+    task: Task, job_id: int, settings: Settings, body: Callable[[Task, int, Settings], str]
+) -> str:
+    """Run a task body so that the job always ends in a state that says what happened.
+
+    A database outage is retried like a Triton outage; any other unexpected error fails the job
+    with its message instead of leaving it ``running`` behind an acknowledged message.
+    """
+    try:
+        return body(task, job_id, settings)
+    except Retry:
+        raise
+    except DBAPIError as exc:
+        if not exc.connection_invalidated and not isinstance(exc, OperationalError):
+            raise
+        retries = int(task.request.retries or 0)
+        raise task.retry(countdown=backoff_s(settings, retries), exc=exc) from exc
+    except Exception as exc:
+        log.exception("job %s failed unexpectedly", job_id)
+        with contextlib.suppress(Exception):
+            with session_scope(settings.database_url) as session:
+                job = session.get(Job, job_id)
+                found = Claim(job_id, job.kind, job.parent_id, {}) if job else None
+            if found is not None:
+                close(found, JobState.FAILED, settings, error=f"internal error: {exc!r}")
+        raise
