@@ -112,14 +112,21 @@ def finish_parent_if_complete(session: Session, parent_id: int, *, actor: str) -
     return transition(session, parent_id, JobState.DONE, actor=actor, summary=summary)
 
 
+#: Kinds whose jobs are run by a task themselves (the others are parents of such jobs).
+LEAF_KINDS = frozenset(
+    {JobKind.CHEM_CHUNK.value, JobKind.DICOM_STUDY.value, JobKind.DICOM_SEND.value}
+)
+
+
 def retry_failed(session: Session, job_id: int, *, actor: str) -> list[int]:
-    """An operator's retry: re-queue a failed chunk, or a screening job's failed chunks.
+    """An operator's retry: re-queue a failed leaf job (a chunk, a study, a send), or a
+    screening job's failed chunks.
 
     Their delivery count starts again (the audit event keeps the old one), and a failed parent
     re-opens so it closes again when its chunks do. Returns the chunk ids to publish.
     """
     job = get_job(session, job_id)
-    if job.kind == JobKind.CHEM_CHUNK.value:
+    if job.kind in LEAF_KINDS:
         candidates = [(job.id, job.attempts)] if job.state == JobState.FAILED.value else []
     else:
         candidates = [
@@ -141,7 +148,7 @@ def retry_failed(session: Session, job_id: int, *, actor: str) -> list[int]:
         ):
             session.execute(update(Job).where(Job.id == chunk_id).values(attempts=0))
             requeued.append(chunk_id)
-    parent_id = job.parent_id if job.kind == JobKind.CHEM_CHUNK.value else job.id
+    parent_id = job.parent_id if job.kind in LEAF_KINDS else job.id
     if requeued and parent_id is not None:  # a failed parent re-opens (refused otherwise)
         transition(session, parent_id, JobState.QUEUED, actor=actor, details={"by": "retry"})
     return requeued

@@ -63,6 +63,8 @@ TERMINAL_STATES = frozenset(
 class JobKind(enum.StrEnum):
     CHEM_SCREEN = "chem_screen"  # one library file; parent of its chunks
     CHEM_CHUNK = "chem_chunk"  # one Triton request's worth of molecules
+    DICOM_STUDY = "dicom_study"  # one version of a received study, scored once it is complete
+    DICOM_SEND = "dicom_send"  # the DICOM result objects of one study version, C-STORE'd back
 
 
 class Job(Base):
@@ -162,6 +164,89 @@ class Prediction(Base):
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(32))
     outputs: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DicomStudy(Base):
+    """A study received from a PACS or modality.
+
+    ``version`` counts completions: instances received while it is ``n`` belong to result
+    version ``n + 1``; when the quiet period passes, version ``n + 1`` is closed and scored over
+    every instance with ``batch <= n + 1``. Late instances therefore re-open the study and produce
+    a new, complete result version instead of mixing into one already being scored.
+    """
+
+    __tablename__ = "dicom_studies"
+    __table_args__ = (Index("ix_dicom_studies_open_last", "open", "last_instance_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_digest: Mapped[str] = mapped_column(String(48), doc="Pseudonym of the Patient ID.")
+    calling_ae: Mapped[str] = mapped_column(String(16), doc="AE that sent the first instance.")
+    open: Mapped[bool] = mapped_column(default=True, doc="Instances arrived since last closing.")
+    version: Mapped[int] = mapped_column(Integer, default=0, doc="Completed result versions.")
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_instance_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_instance_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DicomInstance(Base):
+    """One stored SOP instance; the row exists only once its file is durably on disk."""
+
+    __tablename__ = "dicom_instances"
+    __table_args__ = (Index("ix_dicom_instances_study_batch", "study_id", "batch"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(BigId, ForeignKey("dicom_studies.id"))
+    batch: Mapped[int] = mapped_column(Integer, doc="First result version that includes it.")
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(512), doc="Relative to the DICOM storage root.")
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DicomRejection(Base):
+    """A C-STORE that was refused, with the status sent back and the reason."""
+
+    __tablename__ = "dicom_rejections"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DicomResult(Base):
+    """The model's answer for one version of a study, and the DICOM objects made from it."""
+
+    __tablename__ = "dicom_results"
+    __table_args__ = (
+        UniqueConstraint("study_id", "version", "model_name", name="uq_dicom_results_version"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(BigId, ForeignKey("dicom_studies.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id"))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(32))
+    study_probability: Mapped[float] = mapped_column()
+    slice_scores: Mapped[dict[str, Any]] = mapped_column(doc="SOP instance UID → score.")
+    most_suspicious_sop_uid: Mapped[str] = mapped_column(String(64))
+    instance_count: Mapped[int] = mapped_column(Integer)
+    sr_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    sc_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

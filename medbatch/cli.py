@@ -50,6 +50,9 @@ def up(
     beat: Annotated[
         bool, typer.Option(help="Run celery beat (the lost-job sweeper) in the first worker.")
     ] = True,
+    listen: Annotated[
+        bool, typer.Option(help="Also run the DICOM listener (`medbatch listen`).")
+    ] = False,
 ) -> None:
     """Start Redis, Triton and workers (whatever is not already running); stop them on Ctrl-C."""
     from medbatch.stack.embedded import EmbeddedStack
@@ -57,7 +60,11 @@ def up(
     s = _settings()
     try:
         with EmbeddedStack(
-            s, workers=workers, beat=beat, report=lambda m: console.print(f"[green]✓[/] {m}")
+            s,
+            workers=workers,
+            beat=beat,
+            listener=listen,
+            report=lambda m: console.print(f"[green]✓[/] {m}"),
         ):
             console.print(
                 "[bold]medbatch is up.[/] Submit with `medbatch screen FILE`; Ctrl-C stops."
@@ -116,7 +123,7 @@ def worker(
     from medbatch.stack.worker_process import worker_argv
 
     s = _settings()
-    qs = queues.split(",") if queues else [s.queue_chem, s.queue_maintenance]
+    qs = queues.split(",") if queues else [s.queue_chem, s.queue_dicom, s.queue_maintenance]
     node = name or f"medbatch-{'-'.join(qs)}@%h"
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # pool children's metrics go here
         metrics_dir = s.storage_dir.resolve() / "prometheus" / node.split("@")[0]
@@ -150,6 +157,7 @@ def sweep() -> None:
 
     report = run_sweep(_settings())
     out.print(
+        f"closed {len(report.studies_closed)} quiet studies; "
         f"re-published {len(report.republished)} jobs; "
         f"failed {len(report.failed_ingests)} abandoned ingests"
     )
@@ -173,6 +181,73 @@ def health(
     if age > max_age:
         raise _fail(RuntimeError(f"the sweeper last ran {age:.0f} s ago (limit {max_age:.0f} s)"))
     out.print(f"sweeper ran {age:.0f} s ago")
+
+
+# --- PACS push -------------------------------------------------------------------------------
+@app.command()
+def listen() -> None:
+    """Run the DICOM listener (C-ECHO, C-STORE) in the foreground until SIGTERM/Ctrl-C."""
+    from db.migrate import upgrade
+    from ingest.dicom.listener import Listener
+    from workers.dispatch import publish
+
+    s = _settings()
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO names peers' objects
+    try:
+        upgrade(s.database_url)
+        listener = Listener(s, publish)
+        listener.start()
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"[bold]listening[/] as {s.dicom_ae_title} on {s.dicom_bind_address}:{listener.port}; "
+        f"studies complete after {s.dicom_quiet_period_s:g} s without a new instance"
+    )
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    while not stop:
+        time.sleep(0.2)
+    listener.stop()
+
+
+@app.command()
+def studies(
+    limit: Annotated[int, typer.Option(help="Newest studies to list.")] = 20,
+) -> None:
+    """Received DICOM studies: instances, result versions and the newest result of each."""
+    from db import audit
+    from db.models import DicomResult, DicomStudy
+    from db.session import session_scope
+
+    s = _settings()
+    with session_scope(s.database_url) as session:
+        audit.append(session, actor=audit.current_actor(), action="studies.read", subject="*")
+        table = Table("study", "from AE", "instances", "open", "versions", "p(lesion)", "last")
+        for study in session.scalars(
+            select(DicomStudy).order_by(DicomStudy.id.desc()).limit(limit)
+        ):
+            newest = session.scalars(
+                select(DicomResult)
+                .where(DicomResult.study_id == study.id)
+                .order_by(DicomResult.version.desc())
+                .limit(1)
+            ).first()
+            table.add_row(
+                str(study.id),
+                study.calling_ae,
+                str(study.instance_count),
+                "yes" if study.open else "no",
+                str(study.version),
+                f"{newest.study_probability:.3f} (v{newest.version})" if newest else "-",
+                f"{study.last_instance_at:%Y-%m-%d %H:%M:%S}",
+            )
+        out.print(table)
 
 
 # --- screening -------------------------------------------------------------------------------
@@ -440,13 +515,15 @@ def report(
 def retry(
     job_id: Annotated[
         int,
-        typer.Argument(help="A failed chunk job, or a screening job to retry its failed chunks."),
+        typer.Argument(
+            help="A failed chunk, study or send job, or a screening job to retry its chunks."
+        ),
     ],
 ) -> None:
-    """Re-queue failed chunk jobs (after fixing what made them fail)."""
+    """Re-queue failed jobs (after fixing what made them fail)."""
     from db import audit
     from db.jobs import retry_failed
-    from db.models import JobKind
+    from db.models import Job
     from db.session import session_scope
     from workers.dispatch import publish
 
@@ -454,11 +531,12 @@ def retry(
     try:
         with session_scope(s.database_url) as session:
             requeued = retry_failed(session, job_id, actor=audit.current_actor())
+            kinds = {i: session.get_one(Job, i).kind for i in requeued}
     except MedbatchError as exc:
         raise _fail(exc) from exc
-    for i in requeued:
-        publish(i, JobKind.CHEM_CHUNK.value)
-    out.print(f"re-queued {len(requeued)} chunk job(s)")
+    for i, kind in kinds.items():
+        publish(i, kind)
+    out.print(f"re-queued {len(requeued)} job(s)")
 
 
 # --- audit and schema ------------------------------------------------------------------------
@@ -489,3 +567,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     s = _settings()
     upgrade(s.database_url, revision)
     out.print(f"database at {revision}")
+
+
+if __name__ == "__main__":
+    app()

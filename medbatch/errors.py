@@ -37,3 +37,20 @@ class InferenceUnavailableError(MedbatchError):
 
 class AuditChainError(MedbatchError):
     """The audit log's hash chain is broken: a row was altered, removed or inserted."""
+
+
+class InstanceRefusedError(MedbatchError):
+    """A received DICOM instance cannot be stored; ``status`` is the C-STORE status sent back."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class DicomSendError(MedbatchError):
+    """The configured destination AE did not accept a result (unreachable, refused, failed)."""
+
+
+class DicomDestinationUnavailableError(DicomSendError):
+    """The destination AE could not be reached (or refused transiently): the send waits."""

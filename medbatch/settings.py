@@ -77,6 +77,34 @@ class Settings(BaseSettings):
     chem_model_name: str = "molecule_gnn"
     chem_model_version: str = "1"
 
+    # --- PACS push (DICOM) ---------------------------------------------------------------------
+    dicom_ae_title: str = Field("MEDBATCH", min_length=1, max_length=16)
+    dicom_bind_address: str = Field("127.0.0.1", description="Listener address; 0.0.0.0 for all.")
+    dicom_port: int = Field(11112, ge=0, le=65535)
+    dicom_allowed_aes: str = Field(
+        "",
+        description="Comma-separated calling AE titles allowed to connect, each optionally "
+        "restricted to an address or network: 'CT1, PACS@10.0.0.5, MODALITY@10.1.0.0/16'.",
+    )
+    dicom_allow_any_ae: bool = Field(
+        False, description="Accept every calling AE (only for a closed test network)."
+    )
+    dicom_max_associations: int = Field(16, ge=1)
+    dicom_max_pdu: int = Field(131072, ge=0, description="Largest PDU we receive; 0: unlimited.")
+    dicom_quiet_period_s: float = Field(
+        30.0, gt=0, description="A study is complete after this long without a new instance."
+    )
+    dicom_completion_poll_s: float = Field(1.0, gt=0)
+    dicom_tls_cert: Path | None = Field(None, description="PEM certificate: turns TLS on.")
+    dicom_tls_key: Path | None = None
+    dicom_tls_ca: Path | None = Field(None, description="PEM CA bundle: clients must present one.")
+    dicom_destination: str = Field(
+        "", description="Where results are C-STORE'd: 'AE@host:port'; empty: not sent."
+    )
+    dicom_model_name: str = "lung_ct_cnn"
+    dicom_model_version: str = "1"
+    dicom_min_slices: int = Field(16, ge=2, description="Fewer axial CT slices: not applicable.")
+
     metrics_host: str = Field("127.0.0.1", description="Bind address of the workers' /metrics.")
     metrics_port: int = Field(0, ge=0, description="Prometheus port of a worker; 0 turns it off.")
 
@@ -88,6 +116,11 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.storage_dir / 'medbatch.db').resolve()}"
         return self
+
+    @property
+    def dicom_storage_dir(self) -> Path:
+        """Root of the received instances (study/series/instance) and the results we create."""
+        return self.storage_dir / "dicom"
 
     @property
     def triton_grpc_url(self) -> str:

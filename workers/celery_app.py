@@ -16,6 +16,8 @@ from medbatch.settings import Settings, get_settings
 
 TASK_SCORE_CHUNK = "medbatch.chem.score_chunk"
 TASK_SWEEP = "medbatch.maintenance.sweep"
+TASK_SCORE_STUDY = "medbatch.dicom.score_study"
+TASK_SEND_RESULT = "medbatch.dicom.send_result"
 
 
 def configure(app: Celery, settings: Settings) -> None:
@@ -54,6 +56,8 @@ def configure(app: Celery, settings: Settings) -> None:
         task_routes={
             TASK_SCORE_CHUNK: {"queue": settings.queue_chem},
             TASK_SWEEP: {"queue": settings.queue_maintenance},
+            TASK_SCORE_STUDY: {"queue": settings.queue_dicom},
+            TASK_SEND_RESULT: {"queue": settings.queue_dicom},
         },
         beat_schedule={
             "sweep-lost-jobs": {"task": TASK_SWEEP, "schedule": settings.sweep_interval_s},
@@ -63,7 +67,15 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
-app = Celery("medbatch", include=["workers.chem.tasks", "workers.sweeper", "workers.metrics"])
+app = Celery(
+    "medbatch",
+    include=[
+        "workers.chem.tasks",
+        "workers.dicom.tasks",
+        "workers.sweeper",
+        "workers.metrics",
+    ],
+)
 configure(app, get_settings())
 
 

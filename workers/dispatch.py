@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from db.models import JobKind
-from workers.celery_app import TASK_SCORE_CHUNK, app
+from workers.celery_app import TASK_SCORE_CHUNK, TASK_SCORE_STUDY, TASK_SEND_RESULT, app
 
-TASK_FOR_KIND: dict[str, str] = {JobKind.CHEM_CHUNK.value: TASK_SCORE_CHUNK}
+TASK_FOR_KIND: dict[str, str] = {
+    JobKind.CHEM_CHUNK.value: TASK_SCORE_CHUNK,
+    JobKind.DICOM_STUDY.value: TASK_SCORE_STUDY,
+    JobKind.DICOM_SEND.value: TASK_SEND_RESULT,
+}
 
 
 def publish(job_id: int, kind: str) -> None:

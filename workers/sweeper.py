@@ -19,6 +19,7 @@ from db import audit
 from db.jobs import transition
 from db.models import Job, JobKind, JobState, utcnow
 from db.session import session_scope
+from ingest.dicom.completion import close_quiet_studies
 from medbatch.settings import Settings, get_settings
 from workers.celery_app import TASK_SWEEP, app
 from workers.dispatch import TASK_FOR_KIND, publish
@@ -62,15 +63,20 @@ def job_ids_in_broker(client: redis.Redis, queues: list[str]) -> set[int]:
 class SweepReport:
     republished: list[int] = field(default_factory=list)
     failed_ingests: list[int] = field(default_factory=list)
+    studies_closed: list[int] = field(default_factory=list)
 
 
 def sweep(settings: Settings | None = None) -> SweepReport:
-    """One pass: re-publish open chunk jobs missing from the broker; fail abandoned ingests."""
+    """One pass: close quiet DICOM studies, re-publish open jobs missing from the broker, fail
+    abandoned ingests."""
     settings = settings or get_settings()
     report = SweepReport()
     actor = audit.current_actor("sweeper")
     client = redis.Redis.from_url(settings.broker_url)
-    present = job_ids_in_broker(client, [settings.queue_chem])
+    for job_id in close_quiet_studies(settings, actor=actor):  # when no listener is running
+        publish(job_id, JobKind.DICOM_STUDY.value)
+        report.studies_closed.append(job_id)
+    present = job_ids_in_broker(client, [settings.queue_chem, settings.queue_dicom])
     cutoff = utcnow() - timedelta(seconds=settings.sweep_grace_s)
     open_states = [JobState.RECEIVED.value, JobState.QUEUED.value, JobState.RUNNING.value]
     with session_scope(settings.database_url) as session:
@@ -118,7 +124,7 @@ def sweep(settings: Settings | None = None) -> SweepReport:
             ):
                 report.failed_ingests.append(job_id)
     client.set(HEARTBEAT_KEY, str(time.time()))
-    if report.republished or report.failed_ingests:
+    if report.republished or report.failed_ingests or report.studies_closed:
         log.warning(
             "sweeper re-published %d jobs, failed %d abandoned ingests",
             len(report.republished),
@@ -130,4 +136,8 @@ def sweep(settings: Settings | None = None) -> SweepReport:
 @app.task(name=TASK_SWEEP)
 def sweep_task() -> dict[str, list[int]]:
     report = sweep()
-    return {"republished": report.republished, "failed_ingests": report.failed_ingests}
+    return {
+        "republished": report.republished,
+        "failed_ingests": report.failed_ingests,
+        "studies_closed": report.studies_closed,
+    }

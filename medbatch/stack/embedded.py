@@ -7,6 +7,7 @@ Triton reuses it), and everything this stack started is stopped, in reverse orde
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from functools import partial
 from types import TracebackType
@@ -14,8 +15,8 @@ from types import TracebackType
 from db.migrate import upgrade
 from medbatch.settings import Settings
 from medbatch.stack import redis_server, triton_server
-from medbatch.stack.process import ManagedProcess
-from medbatch.stack.worker_process import worker_process, worker_ready
+from medbatch.stack.process import ManagedProcess, port_open
+from medbatch.stack.worker_process import settings_env, worker_process, worker_ready
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class EmbeddedStack:
         workers: int = 1,
         beat: bool = True,
         start_triton: bool = True,
+        listener: bool = False,
         report: Reporter | None = None,
         ready_timeout_s: float = 180.0,
     ) -> None:
@@ -40,6 +42,7 @@ class EmbeddedStack:
         self.n_workers = workers
         self.beat = beat
         self.start_triton = start_triton
+        self.start_listener_too = listener
         self.report = report or log.info
         self.ready_timeout_s = ready_timeout_s
         self.started: list[ManagedProcess] = []
@@ -47,6 +50,7 @@ class EmbeddedStack:
         self.metrics_ports: dict[str, int] = {}  # worker name → its /metrics port (0: none)
         self.triton: ManagedProcess | None = None
         self.redis: ManagedProcess | None = None
+        self.listener: ManagedProcess | None = None
 
     def __enter__(self) -> EmbeddedStack:
         try:
@@ -84,7 +88,12 @@ class EmbeddedStack:
             self.add_worker(beat=self.beat and i == 0, wait=False)
         for proc in self.workers:
             proc.wait_until(partial(worker_ready, proc), self.ready_timeout_s, "ready")
-        self.report(f"{self.n_workers} Celery worker(s) ready on queues chem, maintenance")
+        self.report(f"{self.n_workers} Celery worker(s) ready on queues chem, dicom, maintenance")
+        if self.start_listener_too:
+            self.start_listener()
+            self.report(
+                f"DICOM listener {s.dicom_ae_title} on {s.dicom_bind_address}:{s.dicom_port}"
+            )
 
     def add_worker(self, *, beat: bool = False, wait: bool = True) -> ManagedProcess:
         """Start one more worker process (also how a killed worker is replaced)."""
@@ -116,6 +125,17 @@ class EmbeddedStack:
         self.started.append(self.triton)
         self.triton.wait_until(lambda: triton_server.is_ready(s), self.ready_timeout_s, "ready")
         return self.triton
+
+    def start_listener(self) -> ManagedProcess:
+        """(Re)start ``medbatch listen`` and wait until its port accepts connections."""
+        s = self.settings
+        argv = [sys.executable, "-m", "medbatch.cli", "listen"]
+        log_path = self.state_dir / "listener.log"
+        self.listener = ManagedProcess("listener", argv, settings_env(s), log_path).start()
+        self.started.append(self.listener)
+        host = "127.0.0.1" if s.dicom_bind_address in ("0.0.0.0", "") else s.dicom_bind_address
+        self.listener.wait_until(lambda: port_open(host, s.dicom_port), 60, "listening")
+        return self.listener
 
     def stop(self) -> None:
         for proc in reversed(self.started):

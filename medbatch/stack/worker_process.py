@@ -15,7 +15,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process see exactly these settings."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
-        env[f"MEDBATCH_{name.upper()}"] = str(value)
+        key = f"MEDBATCH_{name.upper()}"
+        if value is None:  # unset optional setting: must not become the text "None"
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
     return env
 
 
@@ -53,7 +57,7 @@ def worker_process(
     concurrency: int | None = None,
     beat: bool = False,
 ) -> ManagedProcess:
-    queues = queues or [settings.queue_chem, settings.queue_maintenance]
+    queues = queues or [settings.queue_chem, settings.queue_dicom, settings.queue_maintenance]
     name = f"medbatch-{uuid.uuid4().hex[:8]}@%h"
     log = state_dir / "workers" / f"{name.split('@')[0]}.log"
     env = settings_env(settings)

@@ -1,0 +1,258 @@
+"""``medbatch listen``: the DICOM application entity a PACS or a modality pushes studies to.
+
+- Verification (C-ECHO) and C-STORE for every storage SOP class in the usual transfer syntaxes.
+- The calling AE (and optionally its address) is checked against the allow-list when the
+  association is requested; refusals are audited.
+- Each instance is validated, written atomically and registered in the database before the
+  C-STORE response; any failure to store answers a failure status so the sender retries.
+- A watcher thread closes studies after the quiet period and enqueues their scoring job.
+
+Logs name studies by their database id and senders by AE title, never by patient identifiers.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from db import audit
+from db.models import DicomRejection, JobKind
+from db.session import session_scope
+from ingest.dicom.access import AccessPolicy
+from ingest.dicom.completion import close_quiet_studies
+from ingest.dicom.store import store_instance
+from ingest.dicom.validate import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    inspect_instance,
+)
+from medbatch.errors import ConfigurationError, InstanceRefusedError
+from medbatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Publisher = Callable[[int, str], None]
+
+#: Transfer syntaxes we accept: uncompressed, deflated, JPEG (baseline, extended, lossless),
+#: JPEG-LS, JPEG 2000 and RLE; pylibjpeg's plug-ins decode them when the worker reads pixels.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline 8 Bit
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended 12 Bit
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Lossy
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+# Reject reason (A-ASSOCIATE-RJ): rejected-permanent, service-user, calling AE not recognised.
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+
+def _peer(event: evt.Event) -> tuple[str, str]:
+    requestor = event.assoc.requestor
+    # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive is filled in, not requestor.ae_title.
+    primitive = requestor.primitive
+    ae_title = primitive.calling_ae_title if primitive is not None else requestor.ae_title
+    if isinstance(ae_title, bytes):
+        ae_title = ae_title.decode("ascii", "replace")
+    return str(ae_title).strip(), str(requestor.address)
+
+
+def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for the listener when a certificate is configured; client certificates if a CA is."""
+    if settings.dicom_tls_cert is None:
+        return None
+    if settings.dicom_tls_key is None:
+        raise ConfigurationError("MEDBATCH_DICOM_TLS_CERT is set but MEDBATCH_DICOM_TLS_KEY is not")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key)
+    if settings.dicom_tls_ca is not None:
+        ctx.load_verify_locations(settings.dicom_tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class Listener:
+    """The storage SCP plus its study-completion watcher; ``start()`` returns once listening."""
+
+    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.policy = AccessPolicy.from_settings(
+            settings.dicom_allowed_aes, settings.dicom_allow_any_ae
+        )
+        self.ae = AE(ae_title=settings.dicom_ae_title)
+        self.ae.maximum_associations = settings.dicom_max_associations
+        self.ae.maximum_pdu_size = settings.dicom_max_pdu
+        self.ae.network_timeout = 60
+        self.ae.dimse_timeout = 60
+        self.ae.acse_timeout = 30
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:3])
+        self.actor = f"listener:{settings.dicom_ae_title}"
+        self._server: Any = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # --- association-level events ----------------------------------------------------------
+    def _on_requested(self, event: evt.Event) -> None:
+        ae_title, address = _peer(event)
+        if self.policy.allows(ae_title, address):
+            return
+        event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
+        log.warning(
+            "association from AE %r at %s refused: not on the allow-list", ae_title, address
+        )
+        with session_scope(self.settings.database_url) as session:
+            audit.append(
+                session,
+                actor=f"ae:{ae_title[:16]}",
+                action="dicom.association_refused",
+                subject=f"peer:{address}",
+                details={"reason": "calling AE title/address not on the allow-list"},
+            )
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        ae_title, address = _peer(event)
+        with session_scope(self.settings.database_url) as session:
+            audit.append(
+                session,
+                actor=f"ae:{ae_title}",
+                action="dicom.association",
+                subject=f"peer:{address}",
+                details={"called_ae": self.settings.dicom_ae_title},
+            )
+
+    # --- DIMSE services ----------------------------------------------------------------------
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        ae_title, address = _peer(event)
+        request: Any = event.request
+        sop_class = str(event.context.abstract_syntax)
+        affected = str(request.AffectedSOPInstanceUID or "")
+        try:
+            encoded = event.encoded_dataset(include_meta=True)
+            inst = inspect_instance(
+                encoded, context_sop_class=sop_class, affected_sop_instance=affected
+            )
+            outcome = store_instance(self.settings, inst, encoded, calling_ae=ae_title)
+        except InstanceRefusedError as exc:
+            return self._refuse(ae_title, address, sop_class, affected, exc.status, exc.reason)
+        except Exception as exc:  # storage or database trouble: the sender must retry
+            log.exception("could not store an instance from AE %r", ae_title)
+            return self._refuse(
+                ae_title,
+                address,
+                sop_class,
+                affected,
+                STATUS_OUT_OF_RESOURCES,
+                f"medbatch could not store the instance ({type(exc).__name__}); retry later",
+            )
+        if not outcome.stored:
+            log.info(
+                "study %s: resent instance from AE %r already stored", outcome.study_id, ae_title
+            )
+        return STATUS_SUCCESS
+
+    def _refuse(
+        self, ae_title: str, address: str, sop_class: str, sop_uid: str, status: int, reason: str
+    ) -> Dataset:
+        log.warning("C-STORE from AE %r refused (0x%04X): %s", ae_title, status, reason)
+        try:
+            with session_scope(self.settings.database_url) as session:
+                session.add(
+                    DicomRejection(
+                        calling_ae=ae_title[:16],
+                        peer_address=address[:64],
+                        sop_class_uid=sop_class[:64] or None,
+                        sop_instance_uid=sop_uid[:64] or None,
+                        status=status,
+                        reason=reason,
+                    )
+                )
+                session.flush()
+                audit.append(
+                    session,
+                    actor=f"ae:{ae_title[:16]}",
+                    action="dicom.refused",
+                    subject=f"peer:{address}",
+                    details={"status": status, "reason": reason},
+                )
+        except Exception:  # the sender still gets its failure status
+            log.exception("could not record a refused instance")
+        rsp = Dataset()
+        rsp.Status = status
+        rsp.ErrorComment = reason[:64]  # LO: at most 64 characters
+        return rsp
+
+    # --- completion watcher ------------------------------------------------------------------
+    def check_completion(self) -> list[int]:
+        """Close quiet studies and publish their jobs (the sweeper does the same as a backstop)."""
+        jobs = close_quiet_studies(self.settings, actor=self.actor)
+        for job_id in jobs:
+            try:
+                self.publisher(job_id, JobKind.DICOM_STUDY.value)
+            except Exception:
+                log.exception("job %s committed but not published; the sweeper will", job_id)
+        return jobs
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.dicom_completion_poll_s):
+            try:
+                self.check_completion()
+            except Exception:
+                log.exception("study completion check failed; retrying")
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        address = (self.settings.dicom_bind_address, self.settings.dicom_port)
+        self._server = self.ae.start_server(
+            address,
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=build_ssl_context(self.settings),
+        )
+        self._watcher = threading.Thread(target=self._watch, name="study-completion", daemon=True)
+        self._watcher.start()
+        log.info(
+            "DICOM listener %s on %s:%s (TLS %s)",
+            self.settings.dicom_ae_title,
+            *address,
+            "on" if self.settings.dicom_tls_cert else "off",
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)

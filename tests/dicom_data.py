@@ -1,0 +1,97 @@
+"""Real DICOM test data: pydicom's own CT test file turned into multi-slice series with new UIDs,
+and DICOM peers (pynetdicom as SCU, DCMTK's command-line tools)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pynetdicom import AE, StoragePresentationContexts
+
+from medbatch.settings import Settings
+
+CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
+MR_SMALL = Path(str(get_testdata_file("MR_small.dcm")))
+
+
+def dcmtk(tool: str) -> str:
+    """Path of a DCMTK tool; the tests need the real peer (Debian package dcmtk)."""
+    path = shutil.which(tool)
+    assert path, f"DCMTK's {tool} is not installed: apt-get install dcmtk (.ci/run does)"
+    return path
+
+
+def make_series(
+    out_dir: Path,
+    n: int,
+    *,
+    source: Path = CT_SMALL,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_id: str = "TEST-PATIENT-0001",
+    compress_rle: bool = False,
+    shuffle: bool = True,
+) -> list[Path]:
+    """``n`` slices of ``source`` with new UIDs, stepping 2.5 mm along z (instance numbers
+    deliberately in reverse spatial order, as some modalities send them)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(source)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    paths = []
+    for i in range(n):
+        ds = copy.deepcopy(template)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientID = patient_id
+        ds.InstanceNumber = n - i if shuffle else i + 1
+        if "ImagePositionPatient" in ds:
+            x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+            ds.ImagePositionPatient = [x, y, -100.0 + 2.5 * i]
+            ds.SliceLocation = -100.0 + 2.5 * i
+        if compress_rle:
+            ds.compress(RLELossless, encoding_plugin="pydicom")
+        else:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = out_dir / f"slice{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def truncate(src: Path, dst: Path, keep: float = 0.6) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep)])
+    return dst
+
+
+def associate(settings: Settings, calling_ae: str = "MEDBATCH_TEST"):  # type: ignore[no-untyped-def]
+    """A pynetdicom association to the listener proposing every storage context."""
+    ae = AE(ae_title=calling_ae)
+    ae.requested_contexts = StoragePresentationContexts[:120]
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    return ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.dicom_ae_title)
+
+
+def storescu(settings: Settings, paths: list[Path], *, aet: str = "STORESCU") -> None:
+    """Send files with DCMTK's storescu (raises with its output if it fails)."""
+    cmd = [
+        dcmtk("storescu"),
+        "-aet",
+        aet,
+        "-aec",
+        settings.dicom_ae_title,
+        "127.0.0.1",
+        str(settings.dicom_port),
+        *map(str, paths),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

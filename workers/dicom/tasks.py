@@ -1,0 +1,267 @@
+"""Score one version of a received study with ``lung_ct_cnn`` and turn the answer into DICOM.
+
+Flow: the study's instances up to this version → the best axial CT series → HU volume → model
+grid → one Triton request → per-slice scores mapped back onto the acquired slices → a
+Structured Report and a key-slice image in the source study → one commit (result row, job done,
+and a send job when a destination AE is configured). A study the model cannot read ends
+``not_applicable`` with the reason. A redelivered message finds the job done and stores nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from celery import Task
+from sqlalchemy import select
+
+from db import audit
+from db.jobs import transition
+from db.models import DicomInstance, DicomResult, Job, JobKind, JobState, utcnow
+from db.session import session_scope
+from db.upsert import insert_ignore
+from ingest.dicom.store import write_atomic
+from medbatch.errors import (
+    DicomDestinationUnavailableError,
+    DicomSendError,
+    InferenceError,
+    InferenceUnavailableError,
+)
+from medbatch.settings import Settings, get_settings
+from workers import triton_client
+from workers.celery_app import TASK_SCORE_STUDY, TASK_SEND_RESULT, app
+from workers.dicom.outputs import (
+    LungCtResult,
+    build_key_slice_image,
+    build_structured_report,
+    most_suspicious_index,
+)
+from workers.dicom.preprocess import model_input, source_slice_scores
+from workers.dicom.sendback import Destination, send_files
+from workers.dicom.series import (
+    NotApplicable,
+    choose_series,
+    in_plane_volume,
+    read_headers,
+    slice_hu,
+)
+from workers.lifecycle import Claim, claim, close, run_guarded, wait_or_fail
+from workers.metrics import ITEMS, TRITON_SECONDS, TRITON_UNAVAILABLE
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ["STUDY_PROB", "SLICE_SCORES"]
+#: Series numbers of our objects in the source study (high, to stay clear of the modality's).
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+
+
+def _instance_paths(settings: Settings, study_id: int, version: int) -> list[Path]:
+    with session_scope(settings.database_url) as session:
+        rel = session.scalars(
+            select(DicomInstance.path)
+            .where(DicomInstance.study_id == study_id, DicomInstance.batch <= version)
+            .order_by(DicomInstance.id)
+        ).all()
+    return [settings.dicom_storage_dir / p for p in rel]
+
+
+def results_dir(settings: Settings, study_id: int, version: int) -> Path:
+    return settings.storage_dir / "dicom-results" / f"study-{study_id}" / f"v{version}"
+
+
+@app.task(name=TASK_SCORE_STUDY, bind=True, max_retries=None)
+def score_study(self: Task, job_id: int) -> str:
+    """Celery entry point; returns a short outcome word (kept in the worker log only)."""
+    return run_guarded(self, job_id, get_settings(), _score_study)
+
+
+def _score_study(self: Task, job_id: int, settings: Settings) -> str:
+    job = claim(self, job_id, settings)
+    if isinstance(job, str):
+        return job
+    study_id, version = int(job.params["study_id"]), int(job.params["version"])
+    model = str(job.params.get("model_name", settings.dicom_model_name))
+    model_version = str(job.params.get("model_version", settings.dicom_model_version))
+
+    headers = read_headers(_instance_paths(settings, study_id, version))
+    chosen = choose_series(headers, settings.dicom_min_slices)
+    if isinstance(chosen, NotApplicable):
+        close(job, JobState.NOT_APPLICABLE, settings, error=chosen.reason)
+        return "not-applicable"
+
+    volume = model_input(in_plane_volume(chosen))[np.newaxis]
+    started = time.perf_counter()
+    try:
+        out = triton_client.infer(
+            settings.triton_grpc_url,
+            model,
+            model_version,
+            {"VOLUME": volume},
+            OUTPUTS,
+            timeout_s=settings.triton_timeout_s,
+            request_id=f"study-job-{job_id}",
+        )
+    except InferenceUnavailableError as exc:
+        TRITON_UNAVAILABLE.labels(model).inc()
+        return wait_or_fail(
+            self,
+            job,
+            settings,
+            exc,
+            what="Triton",
+            remedy="Check `medbatch triton` / the triton service, then `medbatch retry`.",
+        )
+    except InferenceError as exc:
+        close(job, JobState.FAILED, settings, error=str(exc))
+        return "failed"
+    TRITON_SECONDS.labels(model).observe(time.perf_counter() - started)
+
+    probability = float(out["STUDY_PROB"].reshape(-1)[0])
+    scores = source_slice_scores(out["SLICE_SCORES"].reshape(-1), len(chosen.slices))
+    result = LungCtResult(
+        study_probability=probability,
+        slice_scores=tuple(float(s) for s in scores),
+        model_name=model,
+        model_version=model_version,
+        result_version=version,
+    )
+    slice_headers = [s.header for s in chosen.slices]
+    top = most_suspicious_index(result)
+    sr = build_structured_report(slice_headers, result, series_number=SR_SERIES_NUMBER)
+    sc = build_key_slice_image(
+        slice_headers, slice_hu(chosen.slices[top].path), result, series_number=SC_SERIES_NUMBER
+    )
+    out_dir = results_dir(settings, study_id, version)
+    for name, ds in (("sr.dcm", sr), ("sc.dcm", sc)):
+        write_atomic(out_dir / name, _encode(ds))
+
+    return _store_result(job, settings, chosen.series_uid, result, slice_headers, top, out_dir)
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _store_result(
+    job: Claim,
+    settings: Settings,
+    series_uid: str,
+    result: LungCtResult,
+    slice_headers: list[pydicom.Dataset],
+    top: int,
+    out_dir: Path,
+) -> str:
+    study_id, version = int(job.params["study_id"]), int(job.params["version"])
+    actor = audit.current_actor("worker")
+    rel = out_dir.relative_to(settings.storage_dir)
+    send_job: int | None = None
+    with session_scope(settings.database_url) as session:
+        insert_ignore(
+            session,
+            DicomResult,
+            [
+                {
+                    "study_id": study_id,
+                    "version": version,
+                    "job_id": job.job_id,
+                    "series_uid": series_uid,
+                    "model_name": result.model_name,
+                    "model_version": result.model_version,
+                    "study_probability": result.study_probability,
+                    "slice_scores": {
+                        str(h.SOPInstanceUID): round(s, 6)
+                        for h, s in zip(slice_headers, result.slice_scores, strict=True)
+                    },
+                    "most_suspicious_sop_uid": str(slice_headers[top].SOPInstanceUID),
+                    "instance_count": len(slice_headers),
+                    "sr_path": str(rel / "sr.dcm"),
+                    "sc_path": str(rel / "sc.dcm"),
+                    "created_at": utcnow(),
+                }
+            ],
+            ("study_id", "version", "model_name"),
+        )
+        result_id = session.scalar(
+            select(DicomResult.id).where(
+                DicomResult.study_id == study_id,
+                DicomResult.version == version,
+                DicomResult.model_name == result.model_name,
+            )
+        )
+        transition(
+            session,
+            job.job_id,
+            JobState.DONE,
+            actor=actor,
+            summary={
+                "study_probability": round(result.study_probability, 4),
+                "slices": len(slice_headers),
+                "result_id": result_id,
+                "result_version": version,
+            },
+            details={"action": "dicom.result", "result_id": result_id},
+        )
+        if settings.dicom_destination:
+            sender = Job(
+                kind=JobKind.DICOM_SEND.value,
+                parent_id=None,
+                source=f"dicom-result:{result_id}",
+                idempotency_key=f"dicom-send:{result_id}:{settings.dicom_destination}",
+                params={"result_id": result_id, "destination": settings.dicom_destination},
+                item_count=2,
+            )
+            session.add(sender)
+            session.flush()
+            transition(session, sender.id, JobState.QUEUED, actor=actor)
+            send_job = sender.id
+    ITEMS.labels(JobKind.DICOM_STUDY.value).inc(len(slice_headers))
+    log.info("study %s v%s scored: p=%.3f", study_id, version, result.study_probability)
+    if send_job is not None:
+        from workers.dispatch import publish
+
+        publish(send_job, JobKind.DICOM_SEND.value)  # if this fails, the sweeper re-sends
+    return "done"
+
+
+@app.task(name=TASK_SEND_RESULT, bind=True, max_retries=None)
+def send_result(self: Task, job_id: int) -> str:
+    """C-STORE a result's SR and key image to the destination AE; waits while it is down."""
+    return run_guarded(self, job_id, get_settings(), _send_result)
+
+
+def _send_result(self: Task, job_id: int, settings: Settings) -> str:
+    job = claim(self, job_id, settings)
+    if isinstance(job, str):
+        return job
+    with session_scope(settings.database_url) as session:
+        row = session.get(DicomResult, int(job.params["result_id"]))
+        paths = [settings.storage_dir / p for p in (row.sr_path, row.sc_path) if p] if row else []
+    destination = Destination.parse(str(job.params["destination"]))
+    try:
+        send_files(destination, settings.dicom_ae_title, paths)
+    except DicomDestinationUnavailableError as exc:
+        return wait_or_fail(
+            self,
+            job,
+            settings,
+            exc,
+            what=f"destination {destination.ae_title}",
+            remedy="Check the PACS and MEDBATCH_DICOM_DESTINATION, then `medbatch retry`.",
+        )
+    except DicomSendError as exc:
+        close(job, JobState.FAILED, settings, error=str(exc))
+        return "failed"
+    close(
+        job,
+        JobState.DONE,
+        settings,
+        summary={"sent": len(paths), "to": destination.ae_title},
+    )
+    return "done"
