@@ -216,6 +216,42 @@ def listen() -> None:
     listener.stop()
 
 
+@app.command("demo-pacs")
+def demo_pacs(
+    work: Annotated[Path, typer.Option(help="Where studies, results and pictures go.")] = Path(
+        "var/pacs-demo"
+    ),
+) -> None:
+    """PACS push end to end: two synthetic chest CTs pushed to the listener, scored, and the
+    SR + key image sent back to a demo PACS; key images written as PNG."""
+    from medbatch import pacs_demo
+    from medbatch.stack.embedded import EmbeddedStack
+
+    s = pacs_demo.demo_settings(_settings())
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    ok = lambda m: console.print(f"[green]✓[/] {m}")  # noqa: E731
+    try:
+        with EmbeddedStack(s, workers=1, beat=True, listener=True, report=ok):
+            server = pacs_demo.start_demo_pacs(s, work / "pacs")
+            try:
+                results = pacs_demo.run(s, work, ok)
+            finally:
+                server.shutdown()
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+    table = Table("study", "state", "p(nodule-like lesion)", "objects at PACS", "key image")
+    for r in results:
+        table.add_row(
+            r.label,
+            r.state,
+            f"{r.probability:.3f}" if r.probability is not None else "-",
+            str(r.received),
+            str(r.key_png or "-"),
+        )
+    out.print(table)
+    out.print("Reference model on synthetic data: not for clinical use.")
+
+
 @app.command()
 def studies(
     limit: Annotated[int, typer.Option(help="Newest studies to list.")] = 20,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, StoragePresentationContexts
 
 from medbatch.settings import Settings
@@ -34,8 +34,9 @@ def make_series(
     study_uid: str | None = None,
     series_uid: str | None = None,
     patient_id: str = "TEST-PATIENT-0001",
-    compress_rle: bool = False,
+    transfer_syntax: str | None = None,
     shuffle: bool = True,
+    first_z: float = -100.0,
 ) -> list[Path]:
     """``n`` slices of ``source`` with new UIDs, stepping 2.5 mm along z (instance numbers
     deliberately in reverse spatial order, as some modalities send them)."""
@@ -54,10 +55,10 @@ def make_series(
         ds.InstanceNumber = n - i if shuffle else i + 1
         if "ImagePositionPatient" in ds:
             x, y, _ = (float(v) for v in ds.ImagePositionPatient)
-            ds.ImagePositionPatient = [x, y, -100.0 + 2.5 * i]
-            ds.SliceLocation = -100.0 + 2.5 * i
-        if compress_rle:
-            ds.compress(RLELossless, encoding_plugin="pydicom")
+            ds.ImagePositionPatient = [x, y, first_z + 2.5 * i]
+            ds.SliceLocation = first_z + 2.5 * i
+        if transfer_syntax is not None and UID(transfer_syntax).is_compressed:
+            ds.compress(transfer_syntax)  # pydicom's RLE or the pylibjpeg/pyjpegls encoders
         else:
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = out_dir / f"slice{i:04d}.dcm"
@@ -81,10 +82,14 @@ def associate(settings: Settings, calling_ae: str = "MEDBATCH_TEST"):  # type: i
     return ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.dicom_ae_title)
 
 
-def storescu(settings: Settings, paths: list[Path], *, aet: str = "STORESCU") -> None:
-    """Send files with DCMTK's storescu (raises with its output if it fails)."""
+def storescu(
+    settings: Settings, paths: list[Path], *, aet: str = "STORESCU", options: tuple[str, ...] = ()
+) -> None:
+    """Send files with DCMTK's storescu (raises with its output if it fails); ``options`` such
+    as ``-xv`` (propose JPEG 2000 lossless) let compressed files travel compressed."""
     cmd = [
         dcmtk("storescu"),
+        *options,
         "-aet",
         aet,
         "-aec",

@@ -164,7 +164,9 @@ class Listener:
                 sop_class,
                 affected,
                 STATUS_OUT_OF_RESOURCES,
-                f"medbatch could not store the instance ({type(exc).__name__}); retry later",
+                f"could not store the instance ({type(exc).__name__}: {exc}); the sender "
+                "should retry once storage/database are back",
+                comment=f"storage failed ({type(exc).__name__}); retry later",
             )
         if not outcome.stored:
             log.info(
@@ -173,8 +175,18 @@ class Listener:
         return STATUS_SUCCESS
 
     def _refuse(
-        self, ae_title: str, address: str, sop_class: str, sop_uid: str, status: int, reason: str
+        self,
+        ae_title: str,
+        address: str,
+        sop_class: str,
+        sop_uid: str,
+        status: int,
+        reason: str,
+        *,
+        comment: str | None = None,
     ) -> Dataset:
+        """Record the refusal and build the response; ``comment`` is a shorter text for the
+        sender when the reason does not fit the 64 characters of Error Comment."""
         log.warning("C-STORE from AE %r refused (0x%04X): %s", ae_title, status, reason)
         try:
             with session_scope(self.settings.database_url) as session:
@@ -200,7 +212,7 @@ class Listener:
             log.exception("could not record a refused instance")
         rsp = Dataset()
         rsp.Status = status
-        rsp.ErrorComment = reason[:64]  # LO: at most 64 characters
+        rsp.ErrorComment = (comment or reason)[:64]  # LO: at most 64 characters
         return rsp
 
     # --- completion watcher ------------------------------------------------------------------

@@ -75,8 +75,8 @@ def _check_pixel_data(ds: pydicom.Dataset, transfer_syntax: UID) -> None:
     if len(data) < expected:
         raise _refuse(
             STATUS_CANNOT_UNDERSTAND,
-            f"truncated: Pixel Data holds {len(data)} of the {expected} bytes that Rows × "
-            "Columns × Samples × Bits Allocated × Frames require",
+            f"truncated: Pixel Data holds {len(data)} of the {expected} bytes that Rows x "
+            "Columns x Samples x Bits Allocated x Frames require",
         )
 
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import JPEG2000Lossless
 from sqlalchemy import select
 
-from db.models import DicomResult, DicomStudy, Job, JobKind, JobState
+from db.models import DicomInstance, DicomResult, DicomStudy, Job, JobKind, JobState
 from db.session import session_scope
 from medbatch.settings import Settings
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import port_open
-from tests.dicom_data import MR_SMALL, dcmtk, make_series, storescu
+from tests.dicom_data import CT_SMALL, MR_SMALL, dcmtk, make_series, storescu
 from tests.helpers import wait_for_job, wait_until
 from workers.dicom.sendback import Destination
 
@@ -117,6 +118,7 @@ def test_a_study_is_scored_once_and_the_sr_reaches_the_pacs(
         1,
         study_uid=study_uid,
         series_uid=str(pydicom.dcmread(paths[0]).SeriesInstanceUID),
+        first_z=-100.0 + 2.5 * 24,  # the next slice up
     )
     storescu(s, late)
     first, second = _wait_for_versions(s, study_uid, 2)
@@ -133,13 +135,22 @@ def test_a_study_is_scored_once_and_the_sr_reaches_the_pacs(
     assert versions == [(1, 24), (2, 25)]
 
 
-def test_an_rle_compressed_ct_series_is_decoded_and_scored(
+def test_a_jpeg2000_compressed_ct_series_is_decoded_and_scored(
     stack: EmbeddedStack, tmp_path: Path
 ) -> None:
     s = stack.settings
-    paths = make_series(tmp_path, 20, compress_rle=True)
+    paths = make_series(tmp_path, 20, transfer_syntax=JPEG2000Lossless)
     study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-    storescu(s, paths)
+    storescu(s, paths, options=("-xv",))  # propose JPEG 2000 lossless
+    with session_scope(s.database_url) as session:
+        syntaxes = set(
+            session.scalars(
+                select(DicomInstance.transfer_syntax_uid)
+                .join(DicomStudy)
+                .where(DicomStudy.study_uid == study_uid)
+            )
+        )
+    assert syntaxes == {JPEG2000Lossless}  # stored as sent, decoded by pylibjpeg when scored
     (job,) = _wait_for_versions(s, study_uid, 1)
     assert job.state == JobState.DONE.value, job.error
 
@@ -158,3 +169,15 @@ def test_studies_the_model_cannot_read_are_not_applicable(
     (job,) = _wait_for_versions(s, study_uid, 1)
     assert job.state == JobState.NOT_APPLICABLE.value
     assert reason in (job.error or "")
+
+
+def test_no_patient_identifier_reaches_any_log(stack: EmbeddedStack) -> None:
+    """After the studies above went through listener, workers and Triton, no log names a patient
+    (the tests' Patient ID, or the name pydicom's CT test file carries)."""
+    logs = [p for p in stack.state_dir.rglob("*.log") if p.is_file()]
+    assert any(p.name == "listener.log" for p in logs)
+    identifiers = ("TEST-PATIENT-0001", str(pydicom.dcmread(CT_SMALL).PatientName))
+    for path in logs:
+        text = path.read_text(errors="replace")
+        for identifier in identifiers:
+            assert identifier not in text, f"{identifier!r} appears in {path}"
