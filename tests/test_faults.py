@@ -210,7 +210,7 @@ def test_retries_exhausted_fail_the_job_with_a_clear_reason(
     # Triton is reachable for the session's worker: `medbatch retry` re-queues the failed chunk.
     _live_worker(stack)
     result = CliRunner().invoke(app, ["retry", str(res.job_id)])
-    assert result.exit_code == 0 and "re-queued 1 chunk job" in result.output, result.output
+    assert result.exit_code == 0 and "re-queued 1 job" in result.output, result.output
     assert wait_for_job(base, res.job_id, timeout=120).state == JobState.DONE.value
     assert len(predictions_for(base, res.job_id)) == 3
     (chunk,) = chunk_jobs(base, res.job_id)
