@@ -1,0 +1,1 @@
+"""Deterministic synthetic data for tests, demos and the reference models (numpy only)."""
