@@ -111,6 +111,18 @@ class Listener:
         self._watcher: threading.Thread | None = None
 
     # --- association-level events ----------------------------------------------------------
+    def _audit_peer(
+        self, ae_title: str, address: str, action: str, details: dict[str, Any]
+    ) -> None:
+        with session_scope(self.settings.database_url) as session:
+            audit.append(
+                session,
+                actor=f"ae:{ae_title[:16]}",
+                action=action,
+                subject=f"peer:{address}",
+                details=details,
+            )
+
     def _on_requested(self, event: evt.Event) -> None:
         ae_title, address = _peer(event)
         if self.policy.allows(ae_title, address):
@@ -119,25 +131,21 @@ class Listener:
         log.warning(
             "association from AE %r at %s refused: not on the allow-list", ae_title, address
         )
-        with session_scope(self.settings.database_url) as session:
-            audit.append(
-                session,
-                actor=f"ae:{ae_title[:16]}",
-                action="dicom.association_refused",
-                subject=f"peer:{address}",
-                details={"reason": "calling AE title/address not on the allow-list"},
-            )
+        self._audit_peer(
+            ae_title,
+            address,
+            "dicom.association_refused",
+            {"reason": "calling AE title/address not on the allow-list"},
+        )
+        # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and
+        # the peer has closed, so the sender reads the reason instead of a reset connection.
+        event.assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         ae_title, address = _peer(event)
-        with session_scope(self.settings.database_url) as session:
-            audit.append(
-                session,
-                actor=f"ae:{ae_title}",
-                action="dicom.association",
-                subject=f"peer:{address}",
-                details={"called_ae": self.settings.dicom_ae_title},
-            )
+        self._audit_peer(
+            ae_title, address, "dicom.association", {"called_ae": self.settings.dicom_ae_title}
+        )
 
     # --- DIMSE services ----------------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
