@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from celery import Task
 from celery.exceptions import Retry
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -20,8 +22,10 @@ from db import audit
 from db.jobs import finish_parent_if_complete, transition
 from db.models import TERMINAL_STATES, Job, JobState
 from db.session import session_scope
+from medbatch.errors import InferenceError, InferenceUnavailableError
 from medbatch.settings import Settings
-from workers.metrics import CHUNKS
+from workers import triton_client
+from workers.metrics import CHUNKS, TRITON_SECONDS, TRITON_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,45 @@ def wait_or_fail(
             f"in {countdown:.0f} s): {exc}",
         )
     raise task.retry(countdown=countdown, exc=exc) from exc
+
+
+def infer_or_wait(
+    task: Task,
+    job: Claim,
+    settings: Settings,
+    model: str,
+    version: str,
+    inputs: dict[str, np.ndarray],
+    outputs: list[str],
+) -> dict[str, np.ndarray] | str:
+    """One Triton request for ``job``: its outputs, or the outcome word once the job is closed
+    (Triton refused the request) — or Celery's Retry while Triton is unavailable."""
+    started = time.perf_counter()
+    try:
+        out = triton_client.infer(
+            settings.triton_grpc_url,
+            model,
+            version,
+            inputs,
+            outputs,
+            timeout_s=settings.triton_timeout_s,
+            request_id=f"job-{job.job_id}",
+        )
+    except InferenceUnavailableError as exc:
+        TRITON_UNAVAILABLE.labels(model).inc()
+        return wait_or_fail(
+            task,
+            job,
+            settings,
+            exc,
+            what="Triton",
+            remedy="Check `medbatch triton` / the triton service, then `medbatch retry`.",
+        )
+    except InferenceError as exc:
+        close(job, JobState.FAILED, settings, error=str(exc))
+        return "failed"
+    TRITON_SECONDS.labels(model).observe(time.perf_counter() - started)
+    return out
 
 
 def run_guarded(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 from celery import Task
 from sqlalchemy import select
@@ -26,13 +25,11 @@ from db.models import (
 )
 from db.session import session_scope
 from db.upsert import insert_ignore
-from medbatch.errors import InferenceError, InferenceUnavailableError
 from medbatch.settings import Settings, get_settings
-from workers import triton_client
 from workers.celery_app import TASK_SCORE_CHUNK, app
 from workers.chem.featurize import featurize_smiles
-from workers.lifecycle import claim, close, run_guarded, wait_or_fail
-from workers.metrics import CHUNKS, ITEMS, TRITON_SECONDS, TRITON_UNAVAILABLE
+from workers.lifecycle import claim, close, infer_or_wait, run_guarded
+from workers.metrics import CHUNKS, ITEMS
 
 log = logging.getLogger(__name__)
 
@@ -74,32 +71,9 @@ def _score_chunk(self: Task, job_id: int, settings: Settings) -> str:
         close(job, JobState.FAILED, settings, error=f"featurisation failed: {exc}")
         return "failed"
 
-    started = time.perf_counter()
-    try:
-        out = triton_client.infer(
-            settings.triton_grpc_url,
-            model,
-            version,
-            arrays,
-            OUTPUTS,
-            timeout_s=settings.triton_timeout_s,
-            request_id=f"chunk-{job_id}",
-        )
-    except InferenceUnavailableError as exc:
-        TRITON_UNAVAILABLE.labels(model).inc()
-        return wait_or_fail(
-            self,
-            job,
-            settings,
-            exc,
-            what="Triton",
-            remedy="Check `medbatch triton` / the triton service, then `medbatch retry`.",
-        )
-    except InferenceError as exc:
-        close(job, JobState.FAILED, settings, error=str(exc))
-        return "failed"
-
-    TRITON_SECONDS.labels(model).observe(time.perf_counter() - started)
+    out = infer_or_wait(self, job, settings, model, version, arrays, OUTPUTS)
+    if isinstance(out, str):
+        return out
     logs = out["LOGS"].reshape(-1)
     if logs.shape[0] != len(items):
         close(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,8 @@ from ingest.dicom.store import write_atomic
 from medbatch.errors import (
     DicomDestinationUnavailableError,
     DicomSendError,
-    InferenceError,
-    InferenceUnavailableError,
 )
 from medbatch.settings import Settings, get_settings
-from workers import triton_client
 from workers.celery_app import TASK_SCORE_STUDY, TASK_SEND_RESULT, app
 from workers.dicom.outputs import (
     LungCtResult,
@@ -49,8 +45,8 @@ from workers.dicom.series import (
     read_headers,
     slice_hu,
 )
-from workers.lifecycle import Claim, claim, close, run_guarded, wait_or_fail
-from workers.metrics import ITEMS, TRITON_SECONDS, TRITON_UNAVAILABLE
+from workers.lifecycle import Claim, claim, close, infer_or_wait, run_guarded, wait_or_fail
+from workers.metrics import ITEMS
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +91,9 @@ def _score_study(self: Task, job_id: int, settings: Settings) -> str:
         return "not-applicable"
 
     volume = model_input(in_plane_volume(chosen))[np.newaxis]
-    started = time.perf_counter()
-    try:
-        out = triton_client.infer(
-            settings.triton_grpc_url,
-            model,
-            model_version,
-            {"VOLUME": volume},
-            OUTPUTS,
-            timeout_s=settings.triton_timeout_s,
-            request_id=f"study-job-{job_id}",
-        )
-    except InferenceUnavailableError as exc:
-        TRITON_UNAVAILABLE.labels(model).inc()
-        return wait_or_fail(
-            self,
-            job,
-            settings,
-            exc,
-            what="Triton",
-            remedy="Check `medbatch triton` / the triton service, then `medbatch retry`.",
-        )
-    except InferenceError as exc:
-        close(job, JobState.FAILED, settings, error=str(exc))
-        return "failed"
-    TRITON_SECONDS.labels(model).observe(time.perf_counter() - started)
-
+    out = infer_or_wait(self, job, settings, model, model_version, {"VOLUME": volume}, OUTPUTS)
+    if isinstance(out, str):
+        return out
     probability = float(out["STUDY_PROB"].reshape(-1)[0])
     scores = source_slice_scores(out["SLICE_SCORES"].reshape(-1), len(chosen.slices))
     result = LungCtResult(
