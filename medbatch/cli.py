@@ -43,6 +43,20 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _wait_for_stop_signal() -> None:
+    """Block until SIGTERM (docker stop, systemd) or SIGINT (Ctrl-C)."""
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    while not stop:
+        time.sleep(0.2)
+
+
 # --- the stack -------------------------------------------------------------------------------
 @app.command()
 def up(
@@ -69,16 +83,7 @@ def up(
             console.print(
                 "[bold]medbatch is up.[/] Submit with `medbatch screen FILE`; Ctrl-C stops."
             )
-            stop = False
-
-            def _stop(*_: object) -> None:
-                nonlocal stop
-                stop = True
-
-            signal.signal(signal.SIGTERM, _stop)
-            signal.signal(signal.SIGINT, _stop)
-            while not stop:
-                time.sleep(0.5)
+            _wait_for_stop_signal()
             console.print("stopping …")
     except MedbatchError as exc:
         raise _fail(exc) from exc
@@ -203,16 +208,7 @@ def listen() -> None:
         f"[bold]listening[/] as {s.dicom_ae_title} on {s.dicom_bind_address}:{listener.port}; "
         f"studies complete after {s.dicom_quiet_period_s:g} s without a new instance"
     )
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    while not stop:
-        time.sleep(0.2)
+    _wait_for_stop_signal()
     listener.stop()
 
 
