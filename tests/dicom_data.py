@@ -7,6 +7,7 @@ import copy
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.data import get_testdata_file
@@ -26,8 +27,7 @@ def dcmtk(tool: str) -> str:
     return path
 
 
-def make_series(
-    out_dir: Path,
+def series_datasets(
     n: int,
     *,
     source: Path = CT_SMALL,
@@ -37,14 +37,14 @@ def make_series(
     transfer_syntax: str | None = None,
     shuffle: bool = True,
     first_z: float = -100.0,
-) -> list[Path]:
-    """``n`` slices of ``source`` with new UIDs, stepping 2.5 mm along z (instance numbers
-    deliberately in reverse spatial order, as some modalities send them)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    step_mm: float = 2.5,
+) -> list[pydicom.Dataset]:
+    """``n`` slices of ``source`` with new UIDs, in spatial order along z (with ``shuffle``,
+    instance numbers run in reverse spatial order, as some modalities send them)."""
     template = pydicom.dcmread(source)
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
-    paths = []
+    out = []
     for i in range(n):
         ds = copy.deepcopy(template)
         ds.StudyInstanceUID = study_uid
@@ -55,12 +55,21 @@ def make_series(
         ds.InstanceNumber = n - i if shuffle else i + 1
         if "ImagePositionPatient" in ds:
             x, y, _ = (float(v) for v in ds.ImagePositionPatient)
-            ds.ImagePositionPatient = [x, y, first_z + 2.5 * i]
-            ds.SliceLocation = first_z + 2.5 * i
+            ds.ImagePositionPatient = [x, y, first_z + step_mm * i]
+            ds.SliceLocation = first_z + step_mm * i
         if transfer_syntax is not None and UID(transfer_syntax).is_compressed:
             ds.compress(transfer_syntax)  # pydicom's RLE or the pylibjpeg/pyjpegls encoders
         else:
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out.append(ds)
+    return out
+
+
+def make_series(out_dir: Path, n: int, **kw: Any) -> list[Path]:
+    """:func:`series_datasets` written as files ``slice0000.dcm`` … in spatial order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(series_datasets(n, **kw)):
         path = out_dir / f"slice{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -65,6 +65,19 @@ COLOUR_BELOW = (255, 191, 0)  # slice score at or below the threshold
 COLOUR_TRACK = (0, 0, 96)  # empty part of the score bar
 COLOUR_THRESHOLD = (0, 255, 255)  # tick at the threshold height
 
+#: Patient and study attributes copied from the source into our objects (empty when absent).
+PATIENT_STUDY_KEYWORDS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
 _LO_MAX = 64  # maximum length of a DICOM LO value (series description)
 
 
@@ -132,17 +145,7 @@ def _header(ds: pydicom.Dataset) -> pydicom.Dataset:
     for elem in ds:
         if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             out.add(copy.deepcopy(elem))
-    for keyword in (
-        "PatientID",
-        "PatientName",
-        "PatientBirthDate",
-        "PatientSex",
-        "AccessionNumber",
-        "StudyID",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-    ):
+    for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword not in out:
             setattr(out, keyword, "")
     return out
@@ -199,48 +202,46 @@ def build_structured_report(
     lung = [hd.sr.FindingSite(codes.SCT.Lung)]
     present = codes.SCT.Present if result.finding_present else codes.SCT.Absent
 
-    study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_tracking_uid(study_uid, series_uid, result.model_name, "study"),
-            identifier=f"{result.model_name} study result v{result.result_version}",
-        ),
-        finding_type=NODULE_LIKE_LESION,
-        finding_sites=lung,
-        algorithm_id=algorithm,
-        measurements=[
-            hd.sr.Measurement(
-                name=LESION_PROBABILITY,
-                value=float(result.study_probability),
-                unit=PROBABILITY_UNIT,
-            )
-        ],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(NODULE_LIKE_LESION, present)],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
-    )
-
-    top = _ranked_indices(result)[:TOP_SLICES]
-    slice_groups = []
-    for rank, idx in enumerate(top, start=1):
-        h = headers[idx]
-        slice_groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=_tracking_uid(study_uid, result.model_name, str(h.SOPInstanceUID)),
-                    identifier=f"slice rank {rank} (instance {h.get('InstanceNumber', idx + 1)})",
-                ),
-                finding_type=NODULE_LIKE_LESION,
-                finding_sites=lung,
-                algorithm_id=algorithm,
-                measurements=[
-                    hd.sr.Measurement(
-                        name=SLICE_SCORE,
-                        value=float(result.slice_scores[idx]),
-                        unit=PROBABILITY_UNIT,
-                    )
-                ],
-                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h)],
-            )
+    def group(
+        tracking_uid: str,
+        identifier: str,
+        concept: hd.sr.CodedConcept,
+        value: float,
+        sources: list[pydicom.Dataset],
+        evaluations: list[hd.sr.QualitativeEvaluation] | None = None,
+    ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        """One TID 1501 group: a probability-valued measurement over ``sources``."""
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier),
+            finding_type=NODULE_LIKE_LESION,
+            finding_sites=lung,
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(name=concept, value=value, unit=PROBABILITY_UNIT)],
+            qualitative_evaluations=evaluations,
+            source_images=[
+                hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in sources
+            ],
         )
+
+    study_group = group(
+        _tracking_uid(study_uid, series_uid, result.model_name, "study"),
+        f"{result.model_name} study result v{result.result_version}",
+        LESION_PROBABILITY,
+        float(result.study_probability),
+        headers,
+        [hd.sr.QualitativeEvaluation(NODULE_LIKE_LESION, present)],
+    )
+    top = _ranked_indices(result)[:TOP_SLICES]
+    slice_groups = [
+        group(
+            _tracking_uid(study_uid, result.model_name, str(headers[idx].SOPInstanceUID)),
+            f"slice rank {rank} (instance {headers[idx].get('InstanceNumber', idx + 1)})",
+            SLICE_SCORE,
+            float(result.slice_scores[idx]),
+            [headers[idx]],
+        )
+        for rank, idx in enumerate(top, start=1)
+    ]
 
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

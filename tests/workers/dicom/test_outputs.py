@@ -17,20 +17,20 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
+from tests.dicom_data import series_datasets
 from workers.dicom.outputs import (
     COLOUR_ABOVE,
     COLOUR_BELOW,
     LESION_PROBABILITY,
     NODULE_LIKE_LESION,
+    PATIENT_STUDY_KEYWORDS,
     RESULT_VERSION,
     SLICE_SCORE,
     TOP_SLICES,
@@ -43,37 +43,12 @@ from workers.dicom.preprocess import lung_window
 
 N_SLICES = 20
 ARGMAX = 13  # the most suspicious slice: neither the first nor the last
-PATIENT_STUDY_KEYWORDS = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 
 
 @pytest.fixture(scope="module")
 def ct_series() -> list[pydicom.Dataset]:
     """Twenty CT slices of one series, sorted along z, each with its own SOP Instance UID."""
-    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    study_uid, series_uid = generate_uid(), generate_uid()
-    x, y, z0 = (float(v) for v in base.ImagePositionPatient)
-    out = []
-    for i in range(N_SLICES):
-        ds = copy.deepcopy(base)
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [x, y, z0 + 5.0 * i]
-        ds.SliceLocation = z0 + 5.0 * i
-        out.append(ds)
-    return out
+    return series_datasets(N_SLICES, shuffle=False, step_mm=5.0)
 
 
 @pytest.fixture(scope="module")
