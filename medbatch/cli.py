@@ -282,6 +282,31 @@ def studies(
         out.print(table)
 
 
+# --- EHR -------------------------------------------------------------------------------------
+@app.command("synth-ehr")
+def synth_ehr(
+    out_file: Annotated[Path, typer.Argument(help="The extract to write (.csv).")],
+    patients: Annotated[int, typer.Option(help="Patients to generate.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Same seed, same file (byte for byte).")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="long or wide.")] = "long",
+    messiness: Annotated[
+        float, typer.Option(help="Share of broken rows (typos, bad units, impossible values).")
+    ] = 0.02,
+) -> None:
+    """Write a deterministic synthetic EHR extract (+ ground-truth and defect sidecars)."""
+    from medbatch.synth.ehr import synth_ehr_command
+
+    try:
+        stats = synth_ehr_command(out_file, patients, seed, fmt, messiness)
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    broken = ", ".join(f"{k} {v}" for k, v in sorted(stats.broken.items()) if v) or "none"
+    console.print(
+        f"[green]✓[/] {stats.path}: {stats.rows} rows for {stats.patients} patients "
+        f"({stats.valid_rows} valid; broken: {broken}); truth in {stats.truth_path}"
+    )
+
+
 # --- screening -------------------------------------------------------------------------------
 def _screen(s: Settings, library: Path, *, wait: bool, timeout: float, **opts: object) -> int:
     from db.migrate import upgrade

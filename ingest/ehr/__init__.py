@@ -1,0 +1,1 @@
+"""EHR extracts: the per-model variable schema (units, conversions, ranges) and row checks."""

@@ -1,0 +1,1 @@
+"""Tests for the EHR variable schema and row checks."""
