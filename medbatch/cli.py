@@ -242,9 +242,10 @@ def demo_pacs(
             r.state,
             f"{r.probability:.3f}" if r.probability is not None else "-",
             str(r.received),
-            str(r.key_png or "-"),
+            r.key_png.name if r.key_png else "-",
         )
     out.print(table)
+    out.print(f"Key images (PNG) and what the demo PACS received are in {work}.")
     out.print("Reference model on synthetic data: not for clinical use.")
 
 
