@@ -8,8 +8,6 @@ save/read round trip, by pydicom, highdicom's parser and DCMTK.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from tests.dicom_data import series_datasets
+from tests.dicom_data import dcmtk, series_datasets
 from workers.dicom.outputs import (
     COLOUR_ABOVE,
     COLOUR_BELOW,
@@ -272,17 +270,6 @@ def _save(ds: pydicom.Dataset, path: Path) -> Path:
     return path
 
 
-def _dcmtk(tool: str) -> str:
-    """Path of a DCMTK tool; missing in CI is a failure, elsewhere a visible skip."""
-    path = shutil.which(tool)
-    if path is None:
-        message = f"DCMTK's {tool} is not installed (apt-get install dcmtk)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 def test_dcmtk_parses_both_files(
     headers: list[pydicom.Dataset], hu_slice: np.ndarray, tmp_path: Path
 ) -> None:
@@ -291,7 +278,7 @@ def test_dcmtk_parses_both_files(
     sc_path = _save(
         build_key_slice_image(headers, hu_slice, result, series_number=10), tmp_path / "sc.dcm"
     )
-    dcmdump = _dcmtk("dcmdump")
+    dcmdump = dcmtk("dcmdump")
     for path in (sr_path, sc_path):
         run = subprocess.run([dcmdump, str(path)], capture_output=True, text=True, timeout=60)
         output = run.stdout + run.stderr
@@ -299,7 +286,7 @@ def test_dcmtk_parses_both_files(
         assert "error" not in output.lower(), output
     # dsrdump also checks the SR content tree against the IOD's relationship constraints.
     run = subprocess.run(
-        [_dcmtk("dsrdump"), str(sr_path)], capture_output=True, text=True, timeout=60
+        [dcmtk("dsrdump"), str(sr_path)], capture_output=True, text=True, timeout=60
     )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
