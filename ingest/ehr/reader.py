@@ -1,0 +1,241 @@
+"""Stream a long-format EHR extract in blocks, validated column-wise with pyarrow.
+
+A nightly extract can be gigabytes, so it is never loaded whole: pyarrow's streaming CSV reader
+hands over blocks of rows as string columns, and every check of :mod:`ingest.ehr.schema` runs
+on whole columns (regular expressions, ``strptime``, one conversion per distinct
+variable/unit pair) instead of row by row. The row-by-row checks in ``schema.py`` stay the
+reference semantics: for every row this module accepts or rejects exactly as
+:func:`ingest.ehr.schema.check_long_row` does, with the same reason kind (tested).
+
+Physical line numbers are kept for the rejection report: pyarrow drops blank lines unless told
+not to, so blank and malformed lines come back through ``invalid_row_handler`` with their line
+number, and accepted rows are numbered around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import csv as pacsv
+
+from ingest.ehr.schema import (
+    LONG_COLUMNS,
+    VARIABLES,
+    RowRejected,
+    check_long_row,
+    convert,
+    parse_timestamp,
+    variable,
+)
+from medbatch.errors import InputError
+
+#: Index of each variable in :data:`VARIABLES` order: the compact code accepted rows carry.
+VARIABLE_CODES: dict[str, int] = {name: i for i, name in enumerate(VARIABLES)}
+_NUMBER = r"^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*$"
+_TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    line: int  # physical line in the file; the header is line 1
+    kind: str
+    reason: str
+
+
+@dataclass
+class LongBlock:
+    """The accepted measurements of one block (values in canonical units) and its rejections."""
+
+    lines: npt.NDArray[np.int64]
+    patient_id: pa.Array
+    timestamp: npt.NDArray[np.datetime64]
+    variable: npt.NDArray[np.int8]
+    value: npt.NDArray[np.float64]
+    rejections: list[Rejection] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+class _LineTracker:
+    """Lines pyarrow skipped (blank, wrong field count), so parsed rows can be numbered.
+
+    The reader may parse ahead of the block being checked, so skipped lines are consumed by
+    line number as the rows are numbered, not by the block they were reported with.
+    """
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[int, str]] = []
+        self.consumed = 0
+
+    def __call__(self, row: pacsv.InvalidRow) -> str:
+        if row.number is None:  # only with multi-threaded parsing, which is off
+            raise InputError("the CSV reader lost track of line numbers")
+        self.skipped.append((int(row.number), row.text))
+        return "skip"
+
+    def take_before(self, first_line: int, n_rows: int) -> list[tuple[int, str]]:
+        """The skipped lines among the ``n_rows`` parsed rows that start at ``first_line``."""
+        taken: list[tuple[int, str]] = []
+        while self.consumed < len(self.skipped) and self.skipped[self.consumed][
+            0
+        ] < first_line + n_rows + len(taken):
+            taken.append(self.skipped[self.consumed])
+            self.consumed += 1
+        return taken
+
+    def rest(self) -> list[tuple[int, str]]:
+        out = self.skipped[self.consumed :]
+        self.consumed = len(self.skipped)
+        return out
+
+
+def _reject_line(number: int, text: str) -> Rejection:
+    try:
+        check_long_row(text.split(","))
+    except RowRejected as exc:
+        return Rejection(number, exc.kind, exc.reason)
+    return Rejection(number, "malformed", "malformed CSV line")  # e.g. an unbalanced quote
+
+
+def _parse_times(text: pa.Array) -> npt.NDArray[np.datetime64]:
+    """ISO 8601 column → datetime64[us]; NaT where no vectorised format fits (checked later)."""
+    stripped = pc.utf8_trim_whitespace(text)
+    out = pa.nulls(len(text), pa.timestamp("s"))
+    for fmt in _TIME_FORMATS:
+        # unit "s": strftime then prints whole seconds, so the round trip below is exact.
+        parsed = pc.strptime(stripped, format=fmt, unit="s", error_is_null=True)
+        # strptime rolls impossible dates over (Feb 30 → Mar 2): keep only exact round trips.
+        exact = pc.equal(pc.strftime(parsed, format=fmt), stripped)
+        out = pc.coalesce(out, pc.if_else(exact, parsed, None))
+    return pc.cast(out, pa.timestamp("us")).to_numpy(zero_copy_only=False)
+
+
+def _check_block(table: pa.Table, first_line: int, tracker: _LineTracker) -> tuple[LongBlock, int]:
+    n = table.num_rows
+    # Physical line of each parsed row: data starts at line 2, skipped lines interleave.
+    skipped = tracker.take_before(first_line, n)
+    span = np.arange(first_line, first_line + n + len(skipped), dtype=np.int64)
+    lines = np.setdiff1d(span, np.array([k for k, _ in skipped], dtype=np.int64))
+    line = first_line + n + len(skipped)
+    rejections = [_reject_line(number, text) for number, text in skipped]
+
+    pid, when, var, val, unit = (table.column(c).combine_chunks() for c in LONG_COLUMNS)
+    pid_ok = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pid)), 0), False)
+    times = _parse_times(when)
+    number_ok = pc.fill_null(pc.match_substring_regex(val, _NUMBER), False).to_numpy(
+        zero_copy_only=False
+    )
+    values = np.full(n, np.nan)
+    if number_ok.any():
+        values[number_ok] = pc.cast(
+            pc.utf8_trim_whitespace(pc.filter(val, pa.array(number_ok))), pa.float64()
+        ).to_numpy(zero_copy_only=False)
+
+    # One conversion per distinct (variable, unit) pair.
+    keys = pc.binary_join_element_wise(var, unit, "\x1f")
+    encoded = pc.dictionary_encode(keys)
+    pairs = encoded.dictionary.to_pylist()
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    codes = np.full(len(pairs), -1, dtype=np.int8)
+    scale = np.full(len(pairs), np.nan)
+    offset = np.zeros(len(pairs))
+    low = np.full(len(pairs), np.nan)
+    high = np.full(len(pairs), np.nan)
+    flag = np.zeros(len(pairs), dtype=bool)
+    for k, pair in enumerate(pairs):
+        name, unit_text = pair.split("\x1f", 1)
+        try:
+            v = variable(name)
+            conv = v.conversion(unit_text)
+        except RowRejected:
+            continue
+        codes[k] = VARIABLE_CODES[v.name]
+        scale[k], offset[k] = conv.scale, conv.offset
+        low[k], high[k], flag[k] = v.low, v.high, v.flag
+    canonical = values * scale[indices] + offset[indices]
+    in_range = np.where(
+        flag[indices],
+        (canonical == 0.0) | (canonical == 1.0),
+        (canonical >= low[indices]) & (canonical <= high[indices]),
+    )
+    ok = (
+        pid_ok.to_numpy(zero_copy_only=False)
+        & ~np.isnat(times)
+        & (codes[indices] >= 0)
+        & number_ok
+        & np.isfinite(canonical)
+        & in_range
+    )
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        # Rejected rows are few: the reference checks give each its exact reason (and accept the
+        # rare valid row no vectorised time format covers, such as a UTC offset).
+        rows = table.take(pa.array(bad)).to_pylist()
+        rescued: list[int] = []
+        rescued_times: list[np.datetime64] = []
+        for i, fields in zip(bad, rows, strict=True):
+            try:
+                m = check_long_row([fields[c] or "" for c in LONG_COLUMNS])
+            except RowRejected as exc:
+                rejections.append(Rejection(int(lines[i]), exc.kind, exc.reason))
+                continue
+            rescued.append(int(i))
+            stamp = parse_timestamp(fields["timestamp"])
+            if stamp.tzinfo is not None:  # an explicit offset: stored as UTC
+                stamp = stamp.astimezone(UTC).replace(tzinfo=None)
+            rescued_times.append(np.datetime64(stamp, "us"))
+            canonical[i] = convert(m.variable, float(fields["value"]), fields["unit"])
+        if rescued:
+            ok[rescued] = True
+            times[rescued] = rescued_times
+    keep = np.flatnonzero(ok)
+    block = LongBlock(
+        lines=lines[keep],
+        patient_id=pc.utf8_trim_whitespace(pc.take(pid, pa.array(keep))),
+        timestamp=times[keep],
+        variable=codes[indices[keep]],
+        value=canonical[keep],
+        rejections=sorted(rejections, key=lambda r: r.line),
+    )
+    return block, line
+
+
+def read_long(path: Path, *, block_size: int = 8 << 20) -> Iterator[LongBlock]:
+    """Yield validated blocks of a long-format extract (bounded memory: one block at a time)."""
+    tracker = _LineTracker()
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=block_size, use_threads=False),
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=tracker),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in LONG_COLUMNS},
+                include_columns=list(LONG_COLUMNS),
+                strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, KeyError) as exc:
+        raise InputError(
+            f"{path.name}: not a long-format extract ({', '.join(LONG_COLUMNS)}): {exc}"
+        ) from exc
+    next_line = 2
+    for batch in reader:
+        block, next_line = _check_block(pa.Table.from_batches([batch]), next_line, tracker)
+        yield block
+    if rest := tracker.rest():  # lines skipped after the last parsed row
+        yield LongBlock(
+            lines=np.empty(0, np.int64),
+            patient_id=pa.array([], pa.string()),
+            timestamp=np.empty(0, "datetime64[us]"),
+            variable=np.empty(0, np.int8),
+            value=np.empty(0),
+            rejections=[_reject_line(n, t) for n, t in rest],
+        )
