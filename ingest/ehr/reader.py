@@ -14,9 +14,11 @@ number, and accepted rows are numbered around them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import csv
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +30,14 @@ from pyarrow import csv as pacsv
 from ingest.ehr.schema import (
     LONG_COLUMNS,
     VARIABLES,
+    WIDE_KEY_COLUMNS,
     RowRejected,
+    Variable,
     check_long_row,
+    check_wide_row,
     convert,
     parse_timestamp,
+    parse_wide_header,
     variable,
 )
 from medbatch.errors import InputError
@@ -97,12 +103,49 @@ class _LineTracker:
         return out
 
 
-def _reject_line(number: int, text: str) -> Rejection:
+RowCheck = Callable[[Sequence[str]], object]
+
+
+def _reject_line(number: int, text: str, check: RowCheck) -> Rejection:
     try:
-        check_long_row(text.split(","))
+        check(text.split(","))
     except RowRejected as exc:
         return Rejection(number, exc.kind, exc.reason)
     return Rejection(number, "malformed", "malformed CSV line")  # e.g. an unbalanced quote
+
+
+def _number_lines(
+    tracker: _LineTracker, first_line: int, n: int, check: RowCheck
+) -> tuple[npt.NDArray[np.int64], list[Rejection], int]:
+    """Physical line of each of ``n`` parsed rows (skipped lines interleave), the rejections of
+    the skipped lines among them, and the line after the block."""
+    skipped = tracker.take_before(first_line, n)
+    span = np.arange(first_line, first_line + n + len(skipped), dtype=np.int64)
+    lines = np.setdiff1d(span, np.array([k for k, _ in skipped], dtype=np.int64))
+    return lines, [_reject_line(k, t, check) for k, t in skipped], first_line + n + len(skipped)
+
+
+def _numbers(col: pa.Array) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Plain decimals of a string column (NaN elsewhere) and where they parsed."""
+    ok = pc.fill_null(pc.match_substring_regex(col, _NUMBER), False).to_numpy(zero_copy_only=False)
+    values = np.full(len(col), np.nan)
+    if ok.any():
+        values[ok] = pc.cast(
+            pc.utf8_trim_whitespace(pc.filter(col, pa.array(ok))), pa.float64()
+        ).to_numpy(zero_copy_only=False)
+    return values, ok
+
+
+def _in_range(canonical: npt.NDArray[np.float64], v: Variable) -> npt.NDArray[np.bool_]:
+    if v.flag:
+        return (canonical == 0.0) | (canonical == 1.0)
+    return (canonical >= v.low) & (canonical <= v.high)
+
+
+def _utc(stamp: datetime) -> np.datetime64:
+    if stamp.tzinfo is not None:  # an explicit offset: stored as UTC
+        stamp = stamp.astimezone(UTC).replace(tzinfo=None)
+    return np.datetime64(stamp, "us")
 
 
 def _parse_times(text: pa.Array) -> npt.NDArray[np.datetime64]:
@@ -118,26 +161,19 @@ def _parse_times(text: pa.Array) -> npt.NDArray[np.datetime64]:
     return pc.cast(out, pa.timestamp("us")).to_numpy(zero_copy_only=False)
 
 
+def _present(pid: pa.Array) -> npt.NDArray[np.bool_]:
+    return pc.fill_null(
+        pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pid)), 0), False
+    ).to_numpy(zero_copy_only=False)
+
+
 def _check_block(table: pa.Table, first_line: int, tracker: _LineTracker) -> tuple[LongBlock, int]:
     n = table.num_rows
-    # Physical line of each parsed row: data starts at line 2, skipped lines interleave.
-    skipped = tracker.take_before(first_line, n)
-    span = np.arange(first_line, first_line + n + len(skipped), dtype=np.int64)
-    lines = np.setdiff1d(span, np.array([k for k, _ in skipped], dtype=np.int64))
-    line = first_line + n + len(skipped)
-    rejections = [_reject_line(number, text) for number, text in skipped]
-
+    lines, rejections, line = _number_lines(tracker, first_line, n, check_long_row)
     pid, when, var, val, unit = (table.column(c).combine_chunks() for c in LONG_COLUMNS)
-    pid_ok = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pid)), 0), False)
+    pid_ok = _present(pid)
     times = _parse_times(when)
-    number_ok = pc.fill_null(pc.match_substring_regex(val, _NUMBER), False).to_numpy(
-        zero_copy_only=False
-    )
-    values = np.full(n, np.nan)
-    if number_ok.any():
-        values[number_ok] = pc.cast(
-            pc.utf8_trim_whitespace(pc.filter(val, pa.array(number_ok))), pa.float64()
-        ).to_numpy(zero_copy_only=False)
+    values, number_ok = _numbers(val)
 
     # One conversion per distinct (variable, unit) pair.
     keys = pc.binary_join_element_wise(var, unit, "\x1f")
@@ -167,7 +203,7 @@ def _check_block(table: pa.Table, first_line: int, tracker: _LineTracker) -> tup
         (canonical >= low[indices]) & (canonical <= high[indices]),
     )
     ok = (
-        pid_ok.to_numpy(zero_copy_only=False)
+        pid_ok
         & ~np.isnat(times)
         & (codes[indices] >= 0)
         & number_ok
@@ -188,10 +224,7 @@ def _check_block(table: pa.Table, first_line: int, tracker: _LineTracker) -> tup
                 rejections.append(Rejection(int(lines[i]), exc.kind, exc.reason))
                 continue
             rescued.append(int(i))
-            stamp = parse_timestamp(fields["timestamp"])
-            if stamp.tzinfo is not None:  # an explicit offset: stored as UTC
-                stamp = stamp.astimezone(UTC).replace(tzinfo=None)
-            rescued_times.append(np.datetime64(stamp, "us"))
+            rescued_times.append(_utc(parse_timestamp(fields["timestamp"])))
             canonical[i] = convert(m.variable, float(fields["value"]), fields["unit"])
         if rescued:
             ok[rescued] = True
@@ -206,6 +239,102 @@ def _check_block(table: pa.Table, first_line: int, tracker: _LineTracker) -> tup
         rejections=sorted(rejections, key=lambda r: r.line),
     )
     return block, line
+
+
+def _check_wide_block(
+    table: pa.Table, first_line: int, tracker: _LineTracker, columns: list[tuple[str, str]]
+) -> tuple[LongBlock, int]:
+    n = table.num_rows
+    check = partial(check_wide_row, columns=columns)
+    lines, rejections, line = _number_lines(tracker, first_line, n, check)
+    pid = table.column(0).combine_chunks()
+    times = _parse_times(table.column(1).combine_chunks())
+    ok = _present(pid) & ~np.isnat(times)
+    cells: list[tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64]]] = []
+    for j, (name, unit) in enumerate(columns):
+        col = table.column(2 + j).combine_chunks()
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0).to_numpy(
+            zero_copy_only=False
+        )
+        values, number_ok = _numbers(col)
+        v = variable(name)
+        conv = v.conversion(unit)
+        canonical = values * conv.scale + conv.offset
+        ok &= empty | (number_ok & np.isfinite(canonical) & _in_range(canonical, v))
+        cells.append((~empty, canonical))
+    bad = np.flatnonzero(~ok)
+    if len(bad):  # exact reasons from the reference check; offsets and the like rescued
+        for i, fields in zip(bad, table.take(pa.array(bad)).to_pylist(), strict=True):
+            try:
+                check([fields[c] or "" for c in table.column_names])
+            except RowRejected as exc:
+                rejections.append(Rejection(int(lines[i]), exc.kind, exc.reason))
+                continue
+            ok[i] = True
+            times[i] = _utc(parse_timestamp(fields[table.column_names[1]]))
+    parts = [
+        (np.flatnonzero(ok & measured), VARIABLE_CODES[name], canonical)
+        for (name, _), (measured, canonical) in zip(columns, cells, strict=True)
+    ]
+    rows = np.concatenate([idx for idx, _, _ in parts])
+    order = np.argsort(rows, kind="stable")  # back to file order, visit by visit
+    rows = rows[order]
+    block = LongBlock(
+        lines=lines[rows],
+        patient_id=pc.utf8_trim_whitespace(pc.take(pid, pa.array(rows))),
+        timestamp=times[rows],
+        variable=np.concatenate([np.full(len(idx), code, dtype=np.int8) for idx, code, _ in parts])[
+            order
+        ],
+        value=np.concatenate([canonical[idx] for idx, _, canonical in parts])[order],
+        rejections=sorted(rejections, key=lambda r: r.line),
+    )
+    return block, line
+
+
+def read_wide(path: Path, *, block_size: int = 8 << 20) -> Iterator[LongBlock]:
+    """Yield validated blocks of a wide extract (``patient_id,timestamp,<variable> (<unit>)…``)
+    as measurements, one per filled cell; a row with any bad cell is rejected whole."""
+    with path.open(newline="") as f:
+        header = next(csv.reader(f), [])
+    if [h.strip() for h in header[:2]] != list(WIDE_KEY_COLUMNS) or len(header) < 3:
+        raise InputError(
+            f"{path.name}: not a wide extract: the header must start with "
+            f"{', '.join(WIDE_KEY_COLUMNS)} and name at least one variable"
+        )
+    try:
+        columns = [parse_wide_header(h) for h in header[2:]]
+    except RowRejected as exc:
+        raise InputError(f"{path.name}: {exc.reason}") from exc
+    tracker = _LineTracker()
+    reader = pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(block_size=block_size, use_threads=False),
+        parse_options=pacsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=tracker),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in header}, strings_can_be_null=False
+        ),
+    )
+    next_line = 2
+    for batch in reader:
+        table = pa.Table.from_batches([batch])
+        block, next_line = _check_wide_block(table, next_line, tracker, columns)
+        yield block
+    if rest := tracker.rest():
+        yield _empty_block(
+            [_reject_line(n, t, partial(check_wide_row, columns=columns)) for n, t in rest]
+        )
+
+
+def _empty_block(rejections: list[Rejection]) -> LongBlock:
+    return LongBlock(
+        lines=np.empty(0, np.int64),
+        patient_id=pa.array([], pa.string()),
+        timestamp=np.empty(0, "datetime64[us]"),
+        variable=np.empty(0, np.int8),
+        value=np.empty(0),
+        rejections=rejections,
+    )
 
 
 def read_long(path: Path, *, block_size: int = 8 << 20) -> Iterator[LongBlock]:
@@ -231,11 +360,4 @@ def read_long(path: Path, *, block_size: int = 8 << 20) -> Iterator[LongBlock]:
         block, next_line = _check_block(pa.Table.from_batches([batch]), next_line, tracker)
         yield block
     if rest := tracker.rest():  # lines skipped after the last parsed row
-        yield LongBlock(
-            lines=np.empty(0, np.int64),
-            patient_id=pa.array([], pa.string()),
-            timestamp=np.empty(0, "datetime64[us]"),
-            variable=np.empty(0, np.int8),
-            value=np.empty(0),
-            rejections=[_reject_line(n, t) for n, t in rest],
-        )
+        yield _empty_block([_reject_line(n, t, check_long_row) for n, t in rest])

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest.ehr.reader import VARIABLE_CODES, read_long
-from ingest.ehr.schema import RowRejected, check_long_row
-from medbatch.synth.ehr import write_long_csv
+from ingest.ehr.reader import VARIABLE_CODES, read_long, read_wide
+from ingest.ehr.schema import RowRejected, check_long_row, check_wide_row, parse_wide_header
+from medbatch.synth.ehr import write_long_csv, write_wide_csv
 
 NAMES = {code: name for name, code in VARIABLE_CODES.items()}
 
@@ -93,3 +93,48 @@ def test_impossible_calendar_dates_are_rejected_not_rolled_over(tmp_path: Path) 
     assert block.value[0] == pytest.approx(7.0, abs=0.05)  # 53 mmol/mol
     assert block.value[1] == pytest.approx(9.99, abs=0.01)  # 180 mg/dL
     assert block.timestamp[1] == np.datetime64("2021-03-01T07:30:00")  # +01:00 stored as UTC
+
+
+@pytest.mark.parametrize("block_size", [1 << 12, 8 << 20])
+def test_wide_rows_are_accepted_or_rejected_whole_as_the_reference_checks_say(
+    tmp_path: Path, block_size: int
+) -> None:
+    path = tmp_path / "wide.csv"
+    write_wide_csv(path, 300, seed=11, messiness=0.05)
+    want_ok: list[tuple] = []
+    want_bad: dict[int, str] = {}
+    with path.open(newline="") as f:
+        rows = csv.reader(f)
+        columns = [parse_wide_header(h) for h in next(rows)[2:]]
+        for line, fields in enumerate(rows, start=2):
+            try:
+                found = check_wide_row(fields, columns)
+            except RowRejected as exc:
+                want_bad[line] = exc.kind
+                continue
+            want_ok += [(line, m.patient_id, m.timestamp, m.variable, m.value) for m in found]
+
+    got_ok: list[tuple] = []
+    got_bad: dict[int, str] = {}
+    for block in read_wide(path, block_size=block_size):
+        pids = block.patient_id.to_pylist()
+        for i, line in enumerate(block.lines.tolist()):
+            got_ok.append(
+                (
+                    line,
+                    pids[i],
+                    block.timestamp[i].astype("datetime64[us]").item(),
+                    NAMES[int(block.variable[i])],
+                    float(block.value[i]),
+                )
+            )
+        got_bad.update({r.line: r.kind for r in block.rejections})
+    defects = {
+        int(r["line"]): r["kind"]
+        for r in csv.DictReader(path.with_name(path.name + ".defects.csv").open())
+    }
+    assert got_bad == want_bad == defects
+    assert len(got_ok) == len(want_ok)
+    for got, want in zip(sorted(got_ok), sorted(want_ok), strict=True):
+        assert got[:4] == want[:4]
+        assert np.isclose(got[4], want[4], rtol=1e-12)
