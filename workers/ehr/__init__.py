@@ -1,0 +1,1 @@
+"""EHR workers: features for the risk models (numpy only)."""
