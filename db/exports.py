@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import audit
+from db import audit, ehr_exports
 from db.jobs import get_job
 from db.models import Compound, JobKind, LibraryEntry, Prediction, Rejection
 from medbatch.errors import InputError
@@ -141,7 +141,8 @@ def iter_screen_results(
     job = get_job(session, job_id)
     if job.kind != JobKind.CHEM_SCREEN.value:
         raise InputError(
-            f"job {job_id} is a {job.kind} job; results are exported per screening job"
+            f"job {job_id} is a {job.kind} job; results are exported per screening job or "
+            "EHR extract job"
         )
     model, version = str(job.params["model_name"]), str(job.params["model_version"])
     yield from heapq.merge(
@@ -158,27 +159,33 @@ def export_results(
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise InputError(f"{out.name}: export to .csv or .parquet")
-    rows = iter_screen_results(session, job_id, page=batch)
+    job = get_job(session, job_id)
+    if job.kind == JobKind.EHR_EXTRACT.value:
+        columns, schema = ehr_exports.COLUMNS, ehr_exports.SCHEMA
+        rows = ehr_exports.iter_ehr_results(session, job_id, page=batch)
+    else:
+        columns, schema = COLUMNS, _SCHEMA
+        rows = iter_screen_results(session, job_id, page=batch)
     out.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     if suffix == ".csv":
         with out.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             for row in rows:
                 writer.writerow(row)
                 count += 1
     else:
-        with pq.ParquetWriter(out, _SCHEMA) as writer:
+        with pq.ParquetWriter(out, schema) as writer:
             buffer: list[dict[str, Any]] = []
             for row in rows:
                 buffer.append(row)
                 if len(buffer) >= batch:
-                    writer.write_table(pa.Table.from_pylist(buffer, schema=_SCHEMA))
+                    writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
                     count += len(buffer)
                     buffer = []
             if buffer or count == 0:
-                writer.write_table(pa.Table.from_pylist(buffer, schema=_SCHEMA))
+                writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
                 count += len(buffer)
     audit.append(
         session,

@@ -65,6 +65,32 @@ def transition(
     return True
 
 
+def live_job_for_key(session: Session, base_key: str) -> Job | None:
+    """The newest job submitted under ``base_key`` (or its ``#retry``/``#force`` variants) that
+    did not fail: re-submitting the same file finds it; a failed one may be submitted again."""
+    return session.scalars(
+        select(Job)
+        .where(
+            (Job.idempotency_key == base_key) | Job.idempotency_key.like(base_key + "#%"),
+            Job.state.not_in([JobState.FAILED.value, JobState.REJECTED.value]),
+        )
+        .order_by(Job.id.desc())
+        .limit(1)
+    ).first()
+
+
+def next_key(session: Session, base_key: str, force: bool) -> str:
+    """``base_key`` itself the first time, then a numbered variant (the key column is unique)."""
+    taken = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where((Job.idempotency_key == base_key) | Job.idempotency_key.like(base_key + "#%"))
+    )
+    if not taken:
+        return base_key
+    return f"{base_key}#{'force' if force else 'retry'}{taken}"
+
+
 def get_job(session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id)
     if job is None:
@@ -114,7 +140,13 @@ def finish_parent_if_complete(session: Session, parent_id: int, *, actor: str) -
 
 #: Kinds whose jobs are run by a task themselves (the others are parents of such jobs).
 LEAF_KINDS = frozenset(
-    {JobKind.CHEM_CHUNK.value, JobKind.DICOM_STUDY.value, JobKind.DICOM_SEND.value}
+    {
+        JobKind.CHEM_CHUNK.value,
+        JobKind.DICOM_STUDY.value,
+        JobKind.DICOM_SEND.value,
+        JobKind.EHR_INGEST.value,
+        JobKind.EHR_BATCH.value,
+    }
 )
 
 

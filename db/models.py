@@ -65,6 +65,9 @@ class JobKind(enum.StrEnum):
     CHEM_CHUNK = "chem_chunk"  # one Triton request's worth of molecules
     DICOM_STUDY = "dicom_study"  # one version of a received study, scored once it is complete
     DICOM_SEND = "dicom_send"  # the DICOM result objects of one study version, C-STORE'd back
+    EHR_EXTRACT = "ehr_extract"  # one EHR extract file; parent of its ingest and its batches
+    EHR_INGEST = "ehr_ingest"  # stream the file: reject bad rows, spill patients into buckets
+    EHR_BATCH = "ehr_batch"  # score the patients of one bucket with every EHR model
 
 
 class Job(Base):
@@ -248,6 +251,53 @@ class DicomResult(Base):
     sr_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
     sc_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EhrScore(Base):
+    """One model's answer for one patient of one extract, with its explanation.
+
+    ``patient_id`` is the warehouse's identifier: the hospital needs it to act on the score, so it
+    is stored (and exported) here, never logged. ``explanation`` holds the attention over the
+    visits (day and weight), the top visits and the variables' contributions.
+    """
+
+    __tablename__ = "ehr_scores"
+    __table_args__ = (
+        UniqueConstraint("extract_id", "patient_id", "model_name", name="uq_ehr_scores_patient"),
+        Index("ix_ehr_scores_job", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    extract_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id"))
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id"))
+    patient_id: Mapped[str] = mapped_column(String(128))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(32))
+    risk: Mapped[float] = mapped_column()
+    out_of_distribution: Mapped[bool | None] = mapped_column(nullable=True)
+    reconstruction_error: Mapped[float | None] = mapped_column(nullable=True)
+    visits: Mapped[int] = mapped_column(Integer, doc="Visits the model saw (<= its window).")
+    measurements: Mapped[int] = mapped_column(Integer, doc="Accepted rows of this patient.")
+    explanation: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EhrDropFile(Base):
+    """A file seen in the drop folder, so a scan hashes each (path, size, mtime) only once."""
+
+    __tablename__ = "ehr_drop_files"
+    __table_args__ = (
+        UniqueConstraint("path", "size_bytes", "mtime_ns", name="uq_ehr_drop_files_version"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("jobs.id"), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(32), doc="submitted | duplicate | rejected")
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditHead(Base):

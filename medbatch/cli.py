@@ -128,7 +128,11 @@ def worker(
     from medbatch.stack.worker_process import worker_argv
 
     s = _settings()
-    qs = queues.split(",") if queues else [s.queue_chem, s.queue_dicom, s.queue_maintenance]
+    qs = (
+        queues.split(",")
+        if queues
+        else [s.queue_chem, s.queue_dicom, s.queue_ehr, s.queue_maintenance]
+    )
     node = name or f"medbatch-{'-'.join(qs)}@%h"
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # pool children's metrics go here
         metrics_dir = s.storage_dir.resolve() / "prometheus" / node.split("@")[0]
@@ -471,6 +475,34 @@ def screen(
 
 
 @app.command()
+def ehr(
+    extract: Annotated[
+        Path,
+        typer.Argument(
+            help="A long (patient_id,timestamp,variable,value,unit) or wide CSV extract.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    force: Annotated[bool, typer.Option(help="Score again even if this content was.")] = False,
+    wait: Annotated[bool, typer.Option(help="Follow the ingest and scoring to the end.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 6 * 3600.0,
+) -> None:
+    """Score an EHR extract: every valid patient gets risks and explanations, every bad row a
+    reason. The same content is scored once, whatever the file is called."""
+    from medbatch.ehr_command import submit_and_follow, summary_table
+
+    s = _settings()
+    try:
+        job_id = submit_and_follow(
+            s, extract.resolve(), console, force=force, wait=wait, timeout=timeout
+        )
+        out.print(summary_table(s, job_id))
+    except MedbatchError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
 def jobs(
     job_id: Annotated[int | None, typer.Argument(help="Show one job and its chunks.")] = None,
     limit: Annotated[int, typer.Option(help="Newest jobs to list.")] = 20,
@@ -540,10 +572,13 @@ def _export(s: Settings, job_id: int, out_file: Path) -> None:
 
 @app.command()
 def results(
-    job_id: Annotated[int, typer.Argument(help="A screening job id (see `medbatch jobs`).")],
+    job_id: Annotated[
+        int, typer.Argument(help="A screening or EHR extract job id (see `medbatch jobs`).")
+    ],
     out_file: Annotated[Path, typer.Option("--out", help="file.csv or file.parquet")],
 ) -> None:
-    """Export a screening job's results, one row per line of the submitted file."""
+    """Export results: a screening job's, one row per line of the file; an EHR extract's, one
+    row per scored patient (every model side by side) and one per rejected line."""
     try:
         _export(_settings(), job_id, out_file)
     except MedbatchError as exc:
@@ -552,18 +587,33 @@ def results(
 
 @app.command()
 def report(
-    job_id: Annotated[int, typer.Argument(help="A screening job id (see `medbatch jobs`).")],
+    job_id: Annotated[
+        int, typer.Argument(help="A screening or EHR extract job id (see `medbatch jobs`).")
+    ],
     out_file: Annotated[Path, typer.Option("--out", help="report.html")],
+    patient: Annotated[
+        list[str] | None,
+        typer.Option(help="EHR: draw this patient's attention over visits (repeatable)."),
+    ] = None,
 ) -> None:
-    """An HTML report: counts, the logS histogram, structures at both ends, rejected rows."""
+    """An HTML report. Screening: counts, the logS histogram, structures at both ends, rejected
+    rows. EHR: counts, risk distributions, attention over visits per patient, rejected rows."""
     from db import audit
+    from db.jobs import get_job
+    from db.models import JobKind
     from db.session import session_scope
+    from medbatch.reports.ehr import render_ehr_report
     from medbatch.reports.screening import render_screening_report
 
     s = _settings()
     try:
         with session_scope(s.database_url) as session:
-            render_screening_report(session, job_id, out_file, actor=audit.current_actor())
+            if get_job(session, job_id).kind == JobKind.EHR_EXTRACT.value:
+                render_ehr_report(
+                    session, job_id, out_file, actor=audit.current_actor(), patients=patient
+                )
+            else:
+                render_screening_report(session, job_id, out_file, actor=audit.current_actor())
     except MedbatchError as exc:
         raise _fail(exc) from exc
     console.print(f"[green]✓[/] wrote {out_file}")

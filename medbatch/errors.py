@@ -19,6 +19,14 @@ class InputError(MedbatchError):
     """The submitted file cannot be read as a whole (not a single bad row: those are recorded)."""
 
 
+class ExtractRejectedError(InputError):
+    """A dropped or submitted file is not an EHR extract; the rejection is recorded as a job."""
+
+    def __init__(self, message: str, job_id: int) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
 class JobStateError(MedbatchError):
     """A job transition that the state machine does not allow (e.g. done → running)."""
 

@@ -105,6 +105,30 @@ class Settings(BaseSettings):
     dicom_model_version: str = "1"
     dicom_min_slices: int = Field(16, ge=2, description="Fewer axial CT slices: not applicable.")
 
+    # --- nightly EHR extracts -----------------------------------------------------------------
+    ehr_drop_dir: Path | None = Field(
+        None, description="Folder the warehouse drops extracts into; unset: no scheduled scan."
+    )
+    ehr_drop_cron: str = Field(
+        "*/5 * * * *", description="When beat scans the drop folder (5-field cron, UTC)."
+    )
+    ehr_drop_settle_s: float = Field(
+        30.0, ge=0, description="A dropped file is taken once unchanged this long (still copying)."
+    )
+    ehr_block_bytes: int = Field(
+        8 << 20, ge=1 << 16, description="CSV bytes parsed per block: bounds the ingest's memory."
+    )
+    ehr_bucket_bytes: int = Field(
+        8 << 20,
+        ge=1 << 10,
+        description="Extract bytes per scoring batch: patients are hashed into "
+        "file size / this buckets, each scored by one task.",
+    )
+    ehr_max_buckets: int = Field(512, ge=1, le=2048, description="Open spill files at most.")
+    ehr_triton_batch: int = Field(256, ge=1, le=256, description="Patients per Triton request.")
+    ehr_diabetes_model_version: str = "1"
+    ehr_cvd_model_version: str = "1"
+
     metrics_host: str = Field("127.0.0.1", description="Bind address of the workers' /metrics.")
     metrics_port: int = Field(0, ge=0, description="Prometheus port of a worker; 0 turns it off.")
 
@@ -121,6 +145,11 @@ class Settings(BaseSettings):
     def dicom_storage_dir(self) -> Path:
         """Root of the received instances (study/series/instance) and the results we create."""
         return self.storage_dir / "dicom"
+
+    @property
+    def ehr_spool_dir(self) -> Path:
+        """Where an ingest spills each extract's patients, one file per bucket."""
+        return self.storage_dir / "ehr"
 
     @property
     def triton_grpc_url(self) -> str:

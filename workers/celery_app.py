@@ -9,6 +9,7 @@ redelivery stores nothing twice. Messages carry only job ids; the database holds
 from __future__ import annotations
 
 from celery import Celery
+from celery.schedules import crontab
 from celery.signals import worker_process_init
 from kombu import Queue
 
@@ -18,6 +19,39 @@ TASK_SCORE_CHUNK = "medbatch.chem.score_chunk"
 TASK_SWEEP = "medbatch.maintenance.sweep"
 TASK_SCORE_STUDY = "medbatch.dicom.score_study"
 TASK_SEND_RESULT = "medbatch.dicom.send_result"
+TASK_EHR_INGEST = "medbatch.ehr.ingest_extract"
+TASK_EHR_SCORE = "medbatch.ehr.score_batch"
+TASK_EHR_SCAN = "medbatch.ehr.scan_drop_folder"
+
+
+def cron(expression: str) -> crontab:
+    """A 5-field cron expression (minute hour day-of-month month day-of-week) as a schedule."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"cron expression {expression!r} must have 5 fields: minute hour day month weekday"
+        )
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    return crontab(
+        minute=minute,
+        hour=hour,
+        day_of_month=day_of_month,
+        month_of_year=month_of_year,
+        day_of_week=day_of_week,
+    )
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
+    """The sweeper always; the EHR drop-folder scan when a drop folder is configured."""
+    schedule: dict[str, dict[str, object]] = {
+        "sweep-lost-jobs": {"task": TASK_SWEEP, "schedule": settings.sweep_interval_s},
+    }
+    if settings.ehr_drop_dir is not None:
+        schedule["scan-ehr-drop-folder"] = {
+            "task": TASK_EHR_SCAN,
+            "schedule": cron(settings.ehr_drop_cron),
+        }
+    return schedule
 
 
 def configure(app: Celery, settings: Settings) -> None:
@@ -58,10 +92,11 @@ def configure(app: Celery, settings: Settings) -> None:
             TASK_SWEEP: {"queue": settings.queue_maintenance},
             TASK_SCORE_STUDY: {"queue": settings.queue_dicom},
             TASK_SEND_RESULT: {"queue": settings.queue_dicom},
+            TASK_EHR_INGEST: {"queue": settings.queue_ehr},
+            TASK_EHR_SCORE: {"queue": settings.queue_ehr},
+            TASK_EHR_SCAN: {"queue": settings.queue_maintenance},
         },
-        beat_schedule={
-            "sweep-lost-jobs": {"task": TASK_SWEEP, "schedule": settings.sweep_interval_s},
-        },
+        beat_schedule=beat_schedule(settings),
         timezone="UTC",
         enable_utc=True,
     )
@@ -72,6 +107,9 @@ app = Celery(
     include=[
         "workers.chem.tasks",
         "workers.dicom.tasks",
+        "workers.ehr.ingest",
+        "workers.ehr.tasks",
+        "workers.ehr.dropfolder",
         "workers.sweeper",
         "workers.metrics",
     ],

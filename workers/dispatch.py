@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from db.models import JobKind
-from workers.celery_app import TASK_SCORE_CHUNK, TASK_SCORE_STUDY, TASK_SEND_RESULT, app
+from workers.celery_app import (
+    TASK_EHR_INGEST,
+    TASK_EHR_SCORE,
+    TASK_SCORE_CHUNK,
+    TASK_SCORE_STUDY,
+    TASK_SEND_RESULT,
+    app,
+)
 
 TASK_FOR_KIND: dict[str, str] = {
     JobKind.CHEM_CHUNK.value: TASK_SCORE_CHUNK,
     JobKind.DICOM_STUDY.value: TASK_SCORE_STUDY,
     JobKind.DICOM_SEND.value: TASK_SEND_RESULT,
+    JobKind.EHR_INGEST.value: TASK_EHR_INGEST,
+    JobKind.EHR_BATCH.value: TASK_EHR_SCORE,
 }
 
 

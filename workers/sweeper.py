@@ -76,7 +76,9 @@ def sweep(settings: Settings | None = None) -> SweepReport:
     for job_id in close_quiet_studies(settings, actor=actor):  # when no listener is running
         publish(job_id, JobKind.DICOM_STUDY.value)
         report.studies_closed.append(job_id)
-    present = job_ids_in_broker(client, [settings.queue_chem, settings.queue_dicom])
+    present = job_ids_in_broker(
+        client, [settings.queue_chem, settings.queue_dicom, settings.queue_ehr]
+    )
     cutoff = utcnow() - timedelta(seconds=settings.sweep_grace_s)
     open_states = [JobState.RECEIVED.value, JobState.QUEUED.value, JobState.RUNNING.value]
     with session_scope(settings.database_url) as session:

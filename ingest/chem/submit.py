@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import audit
-from db.jobs import finish_parent_if_complete, transition
+from db.jobs import finish_parent_if_complete, live_job_for_key, next_key, transition
 from db.models import (
     ChunkItem,
     Compound,
@@ -37,6 +37,7 @@ from db.session import session_scope
 from db.upsert import insert_ignore
 from ingest.chem.canonicalize import Canonical, canonicalize
 from ingest.chem.readers import Format, LibraryReader, RawRecord
+from ingest.files import file_sha256
 from medbatch.errors import InputError
 from medbatch.settings import Settings
 
@@ -65,14 +66,6 @@ class SubmitResult:
     chunk_ids: list[int] = field(default_factory=list)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _base_key(sha: str, options: ScreenOptions, settings: Settings) -> str:
     salient = {
         "sha256": sha,
@@ -86,30 +79,6 @@ def _base_key(sha: str, options: ScreenOptions, settings: Settings) -> str:
         "chem_screen:"
         + hashlib.sha256(json.dumps(salient, sort_keys=True).encode()).hexdigest()[:40]
     )
-
-
-def _existing_job(session: Session, base_key: str) -> Job | None:
-    """The newest job for this file and options that did not fail (a failed one may be retried)."""
-    return session.scalars(
-        select(Job)
-        .where(
-            (Job.idempotency_key == base_key) | Job.idempotency_key.like(base_key + "#%"),
-            Job.state.not_in([JobState.FAILED.value, JobState.REJECTED.value]),
-        )
-        .order_by(Job.id.desc())
-        .limit(1)
-    ).first()
-
-
-def _new_key(session: Session, base_key: str, force: bool) -> str:
-    taken = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where((Job.idempotency_key == base_key) | Job.idempotency_key.like(base_key + "#%"))
-    )
-    if not taken:
-        return base_key
-    return f"{base_key}#{'force' if force else 'retry'}{taken}"
 
 
 class _Submission:
@@ -335,7 +304,7 @@ def submit_library(
     base_key = _base_key(sha, options, settings)
     actor = audit.current_actor("user")
     with session_scope(settings.database_url) as session:
-        existing = None if options.force else _existing_job(session, base_key)
+        existing = None if options.force else live_job_for_key(session, base_key)
         if existing is not None:
             audit.append(
                 session,
@@ -345,7 +314,7 @@ def submit_library(
                 details={"file_sha256": sha, "note": "same file and options; not rescored"},
             )
             return SubmitResult(int(existing.id), True, dict(existing.summary or {}))
-        key = _new_key(session, base_key, options.force)
+        key = next_key(session, base_key, options.force)
         parent = Job(
             kind=JobKind.CHEM_SCREEN.value,
             source=path.name[:512],

@@ -15,11 +15,13 @@ number, and accepted rows are numbered around them.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -292,7 +294,69 @@ def _check_wide_block(
     return block, line
 
 
-def read_wide(path: Path, *, block_size: int = 8 << 20) -> Iterator[LongBlock]:
+class _CountingFile(io.RawIOBase):
+    """A read-only file that reports how many bytes the CSV reader has consumed (progress)."""
+
+    def __init__(self, path: Path, on_bytes: Callable[[int], None]) -> None:
+        self._fh = path.open("rb")
+        self._on_bytes = on_bytes
+        self._done = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._fh.readinto(buffer)
+        self._done += n or 0
+        self._on_bytes(self._done)
+        return n or 0
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+def _source(path: Path, on_bytes: Callable[[int], None] | None) -> Any:
+    return path if on_bytes is None else io.BufferedReader(_CountingFile(path, on_bytes), 1 << 20)
+
+
+def detect_format(path: Path) -> str:
+    """``long`` or ``wide`` from the header line; anything else is not an extract."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            header = [h.strip().lower() for h in next(csv.reader(f), [])]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path.name}: not a UTF-8 text CSV extract ({exc.reason})") from exc
+    if header[: len(LONG_COLUMNS)] == list(LONG_COLUMNS):
+        return "long"
+    if header[:2] == list(WIDE_KEY_COLUMNS) and len(header) > 2:
+        return "wide"
+    raise InputError(
+        f"{path.name}: not an EHR extract: the header must be "
+        f"'{','.join(LONG_COLUMNS)}' (long format) or start with "
+        f"'{','.join(WIDE_KEY_COLUMNS)}' followed by '<variable> (<unit>)' columns (wide format)"
+    )
+
+
+def read_extract(
+    path: Path,
+    fmt: str | None = None,
+    *,
+    block_size: int = 8 << 20,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Iterator[LongBlock]:
+    """Validated blocks of a long or wide extract (``fmt`` None: from the header)."""
+    fmt = fmt or detect_format(path)
+    if fmt == "long":
+        return read_long(path, block_size=block_size, on_bytes=on_bytes)
+    if fmt == "wide":
+        return read_wide(path, block_size=block_size, on_bytes=on_bytes)
+    raise InputError(f"unknown extract format {fmt!r}: long or wide")
+
+
+def read_wide(
+    path: Path, *, block_size: int = 8 << 20, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[LongBlock]:
     """Yield validated blocks of a wide extract (``patient_id,timestamp,<variable> (<unit>)…``)
     as measurements, one per filled cell; a row with any bad cell is rejected whole."""
     with path.open(newline="") as f:
@@ -308,7 +372,7 @@ def read_wide(path: Path, *, block_size: int = 8 << 20) -> Iterator[LongBlock]:
         raise InputError(f"{path.name}: {exc.reason}") from exc
     tracker = _LineTracker()
     reader = pacsv.open_csv(
-        path,
+        _source(path, on_bytes),
         read_options=pacsv.ReadOptions(block_size=block_size, use_threads=False),
         parse_options=pacsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=tracker),
         convert_options=pacsv.ConvertOptions(
@@ -337,12 +401,14 @@ def _empty_block(rejections: list[Rejection]) -> LongBlock:
     )
 
 
-def read_long(path: Path, *, block_size: int = 8 << 20) -> Iterator[LongBlock]:
+def read_long(
+    path: Path, *, block_size: int = 8 << 20, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[LongBlock]:
     """Yield validated blocks of a long-format extract (bounded memory: one block at a time)."""
     tracker = _LineTracker()
     try:
         reader = pacsv.open_csv(
-            path,
+            _source(path, on_bytes),
             read_options=pacsv.ReadOptions(block_size=block_size, use_threads=False),
             parse_options=pacsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=tracker),
             convert_options=pacsv.ConvertOptions(

@@ -88,7 +88,9 @@ class EmbeddedStack:
             self.add_worker(beat=self.beat and i == 0, wait=False)
         for proc in self.workers:
             proc.wait_until(partial(worker_ready, proc), self.ready_timeout_s, "ready")
-        self.report(f"{self.n_workers} Celery worker(s) ready on queues chem, dicom, maintenance")
+        self.report(
+            f"{self.n_workers} Celery worker(s) ready on queues chem, dicom, ehr, maintenance"
+        )
         if self.start_listener_too:
             self.start_listener()
             self.report(

@@ -57,7 +57,12 @@ def worker_process(
     concurrency: int | None = None,
     beat: bool = False,
 ) -> ManagedProcess:
-    queues = queues or [settings.queue_chem, settings.queue_dicom, settings.queue_maintenance]
+    queues = queues or [
+        settings.queue_chem,
+        settings.queue_dicom,
+        settings.queue_ehr,
+        settings.queue_maintenance,
+    ]
     name = f"medbatch-{uuid.uuid4().hex[:8]}@%h"
     log = state_dir / "workers" / f"{name.split('@')[0]}.log"
     env = settings_env(settings)

@@ -1,0 +1,130 @@
+"""Registering extracts (``medbatch ehr`` and the drop folder) on SQLite and PostgreSQL: once per
+content, whatever the name; a non-extract leaves a rejected job saying why; a file still being
+copied, a sidecar or a temporary file is not taken."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from db.models import EhrDropFile, Job, JobKind, JobState
+from db.session import session_scope
+from ingest.ehr.dropfolder import scan_drop_folder
+from ingest.ehr.submit import submit_extract
+from medbatch.errors import ExtractRejectedError
+from medbatch.settings import Settings
+from medbatch.synth.ehr import write_long_csv, write_wide_csv
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path) -> Settings:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    return Settings(
+        storage_dir=tmp_path / "var",
+        database_url=db_url,
+        ehr_drop_dir=drop,
+        ehr_drop_settle_s=5,
+    )  # type: ignore[call-arg]
+
+
+def _jobs(settings: Settings, kind: JobKind) -> list[Job]:
+    with session_scope(settings.database_url) as session:
+        return list(session.scalars(select(Job).where(Job.kind == kind.value).order_by(Job.id)))
+
+
+def test_same_content_is_registered_once(settings: Settings, tmp_path: Path) -> None:
+    published: list[tuple[int, str]] = []
+    first = tmp_path / "extract-monday.csv"
+    write_long_csv(first, 20, seed=3)
+    again = tmp_path / "extract-copy.csv"
+    shutil.copy(first, again)
+
+    a = submit_extract(first, settings, lambda i, k: published.append((i, k)))
+    b = submit_extract(again, settings, lambda i, k: published.append((i, k)))
+    assert not a.existing and b.existing and b.job_id == a.job_id
+    assert published == [(a.ingest_id, JobKind.EHR_INGEST.value)]
+    (extract,) = _jobs(settings, JobKind.EHR_EXTRACT)
+    assert extract.state == JobState.QUEUED.value
+    assert extract.params["format"] == "long"
+    assert set(extract.params["models"]) == {"diabetes_lstm_attention", "cvd_autoencoder"}
+
+    forced = submit_extract(again, settings, lambda i, k: published.append((i, k)), force=True)
+    assert not forced.existing and forced.job_id != a.job_id
+
+
+def test_not_an_extract_is_a_rejected_job(settings: Settings, tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.csv"
+    bogus.write_text("name,comment\nx,y\n")
+    with pytest.raises(ExtractRejectedError, match="not an EHR extract") as info:
+        submit_extract(bogus, settings, lambda i, k: None)
+    with session_scope(settings.database_url) as session:
+        job = session.get_one(Job, info.value.job_id)
+        assert job.state == JobState.REJECTED.value
+        assert "header must be" in (job.error or "")
+
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_drop_folder_takes_each_settled_file_once(settings: Settings) -> None:
+    drop = settings.ehr_drop_dir
+    assert drop is not None
+    published: list[int] = []
+    publisher = lambda i, k: published.append(i)  # noqa: E731
+
+    write_long_csv(drop / "night1.csv", 15, seed=1)  # also writes .truth.csv / .defects.csv
+    write_wide_csv(drop / "night1-wide.csv", 15, seed=2)
+    (drop / "partial.csv.part").write_text("patient_id,timestamp\n")
+    for p in drop.iterdir():
+        _age(p, 60)
+    write_long_csv(drop / "copying.csv", 5, seed=9)  # modified just now: still being written
+
+    outcomes = scan_drop_folder(settings, publisher)
+    assert sorted((o.file, o.outcome) for o in outcomes) == [
+        ("night1-wide.csv", "submitted"),
+        ("night1.csv", "submitted"),
+    ]
+    assert len(published) == 2
+
+    # the same night's file dropped again under another name: recorded, not scored again
+    shutil.copy(drop / "night1.csv", drop / "night1-resent.csv")
+    _age(drop / "night1-resent.csv", 60)
+    _age(drop / "copying.csv", 60)
+    outcomes = scan_drop_folder(settings, publisher)
+    assert sorted((o.file, o.outcome) for o in outcomes) == [
+        ("copying.csv", "submitted"),
+        ("night1-resent.csv", "duplicate"),
+    ]
+    assert len(published) == 3
+    assert scan_drop_folder(settings, publisher) == []  # nothing new: nothing hashed again
+    with session_scope(settings.database_url) as session:
+        rows = session.scalars(select(EhrDropFile)).all()
+        assert len(rows) == 4
+        resent = next(r for r in rows if r.path.endswith("night1-resent.csv"))
+        first = next(r for r in rows if r.path.endswith("night1.csv"))
+        assert resent.job_id == first.job_id and resent.sha256 == first.sha256
+    assert len(_jobs(settings, JobKind.EHR_EXTRACT)) == 3
+
+
+def test_a_file_changed_in_place_is_taken_again(settings: Settings) -> None:
+    drop = settings.ehr_drop_dir
+    assert drop is not None
+    target = drop / "rolling.csv"
+    write_long_csv(target, 10, seed=1)
+    _age(target, 60)
+    assert [o.outcome for o in scan_drop_folder(settings, lambda i, k: None)] == ["submitted"]
+    write_long_csv(target, 12, seed=2)  # the warehouse replaced it with new content
+    _age(target, 30)
+    assert [o.outcome for o in scan_drop_folder(settings, lambda i, k: None)] == ["submitted"]
+    with pytest.raises(Exception, match="does not exist"):
+        scan_drop_folder(
+            settings.model_copy(update={"ehr_drop_dir": drop / "missing"}), lambda i, k: None
+        )

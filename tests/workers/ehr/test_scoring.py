@@ -1,0 +1,77 @@
+"""From a bucket to model inputs and stored rows (the Triton call itself is tested end to end)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ingest.ehr.reader import read_extract
+from ingest.ehr.spill import BucketSpill, read_bucket
+from medbatch.synth.ehr import write_long_csv
+from workers.ehr.scoring import CVD, DIABETES, build_inputs, patients, score_rows
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory: pytest.TempPathFactory) -> list:
+    tmp = tmp_path_factory.mktemp("scoring")
+    extract = tmp / "extract.csv"
+    write_long_csv(extract, 60, seed=11)
+    spill = BucketSpill(tmp / "spool", 1)
+    for block in read_extract(extract):
+        spill.add(block)
+    (only,) = spill.close()
+    return list(patients(read_bucket(only.path)))
+
+
+def test_patients_are_whole_and_distinct(bucket: list) -> None:
+    ids = [p.patient_id for p in bucket]
+    assert len(ids) == len(set(ids)) == 60
+    for p in bucket:
+        assert (np.diff(p.measurements.timestamp.astype(np.int64)) >= 0).all()
+        assert p.rows == len(p.measurements.variable) > 0
+
+
+def test_inputs_have_the_model_shapes(bucket: list) -> None:
+    d = build_inputs(DIABETES, bucket)
+    assert d.inputs["VALUES"].shape == (60, 20, 10)
+    assert d.inputs["LENGTH"].shape == (60, 1) and d.inputs["LENGTH"].dtype == np.int32
+    assert (d.inputs["LENGTH"] >= 1).all() and (d.inputs["LENGTH"] <= 20).all()
+    c = build_inputs(CVD, bucket)
+    assert c.inputs["VALUES"].shape == (60, 10) and c.inputs["VALUES"].dtype == np.float32
+
+
+def test_rows_carry_risk_and_explanation(bucket: list) -> None:
+    group = bucket[:4]
+    d = build_inputs(DIABETES, group)
+    lengths = d.inputs["LENGTH"][:, 0]
+    attention = np.zeros((4, 20), np.float32)
+    for i, n in enumerate(lengths):
+        attention[i, :n] = np.arange(1, n + 1) / (n * (n + 1) / 2)  # last visit weighs most
+    contribution = np.tile(np.linspace(-0.5, 0.4, 10, dtype=np.float32), (4, 1))
+    out = {
+        "RISK": np.array([[0.1], [0.2], [0.3], [0.9]], np.float32),
+        "ATTENTION": attention,
+        "CONTRIBUTION": contribution,
+    }
+    rows = score_rows(d, group, out, "1")
+    assert [r["risk"] for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.9])
+    for row, n, p in zip(rows, lengths, group, strict=True):
+        ex = row["explanation"]
+        assert len(ex["attention"]) == row["visits"] == n
+        assert sum(w for _, w in ex["attention"]) == pytest.approx(1.0, abs=1e-4)
+        assert ex["top_visits"][0]["day"] == ex["attention"][-1][0]
+        # only variables that raise the risk are "top"; the largest first
+        assert [v["variable"] for v in ex["top_variables"]] == ["egfr", "triglycerides", "hdl"]
+        assert row["patient_id"] == p.patient_id and row["measurements"] == p.rows
+
+    c = build_inputs(CVD, group)
+    out = {
+        "RISK": np.full((4, 1), 0.5, np.float32),
+        "RECON_ERROR": np.array([[0.1], [5.0], [0.2], [0.3]], np.float32),
+        "OOD": np.array([[False], [True], [False], [False]]),
+        "CONTRIBUTION": contribution,
+    }
+    rows = score_rows(c, group, out, "1")
+    assert [r["out_of_distribution"] for r in rows] == [False, True, False, False]
+    assert rows[1]["reconstruction_error"] == pytest.approx(5.0)
+    assert "attention" not in rows[0]["explanation"]

@@ -1,0 +1,235 @@
+"""Stream one EHR extract: record every bad row with its reason, spill the accepted measurements
+into patient buckets, and turn each bucket into a scoring job.
+
+Crash safety: the bucket jobs and this job's ``done`` are committed in one transaction, after the
+bucket files are fsync'd. A worker killed earlier leaves no bucket job; the redelivered ingest
+empties the spool directory and starts again (rejections are keyed by line, so they are stored
+once). A worker killed after the commit but before publishing leaves queued jobs whose message
+never left; the sweeper re-sends them.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+from sqlalchemy import update
+
+from db import audit
+from db.jobs import finish_parent_if_complete, transition
+from db.models import Job, JobKind, JobState, Rejection, utcnow
+from db.session import session_scope
+from db.upsert import insert_ignore
+from ingest.ehr.reader import LongBlock, read_extract
+from ingest.ehr.spill import Bucket, BucketSpill, bucket_count
+from medbatch.errors import InputError
+from medbatch.settings import Settings, get_settings
+from workers.celery_app import TASK_EHR_INGEST, app
+from workers.dispatch import publish
+from workers.lifecycle import Claim, claim, run_guarded
+from workers.metrics import CHUNKS
+
+log = logging.getLogger(__name__)
+
+_PROGRESS_EVERY_S = 1.0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / (1 << 20)
+
+
+@app.task(name=TASK_EHR_INGEST, bind=True, max_retries=None)
+def ingest_extract(self: Task, job_id: int) -> str:
+    """Celery entry point; returns a short outcome word (kept in the worker log only)."""
+    return run_guarded(self, job_id, get_settings(), _ingest)
+
+
+class _Progress:
+    """Counts of the ingest so far, written to the job's summary about once a second (the CLI
+    shows them as a progress bar)."""
+
+    def __init__(self, job_id: int, settings: Settings) -> None:
+        self.job_id = job_id
+        self.settings = settings
+        self.bytes_read = 0
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+        self._last = 0.0
+
+    def on_bytes(self, n: int) -> None:
+        self.bytes_read = n
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "bytes_read": self.bytes_read,
+            "accepted_rows": self.accepted,
+            "rejected_rows": sum(self.rejected.values()),
+            "rejected_by_kind": dict(sorted(self.rejected.items())),
+        }
+
+    def tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < _PROGRESS_EVERY_S:
+            return
+        self._last = now
+        with session_scope(self.settings.database_url) as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(summary=self.summary(), updated_at=utcnow())
+            )
+
+
+def _store_rejections(extract_id: int, block: LongBlock, settings: Settings) -> None:
+    rows = [
+        {
+            "job_id": extract_id,
+            "line_no": r.line,
+            "record_name": r.kind,
+            "raw": "",  # the row holds a patient identifier; the line number finds it
+            "reason": r.reason,
+        }
+        for r in block.rejections
+    ]
+    with session_scope(settings.database_url) as session:
+        insert_ignore(session, Rejection, rows, ("job_id", "line_no"))
+
+
+def _reject(job: Claim, settings: Settings, error: str, summary: dict[str, Any]) -> str:
+    """The file cannot be read as an extract: the ingest and the extract are both rejected."""
+    actor = audit.current_actor("worker")
+    with session_scope(settings.database_url) as session:
+        transition(
+            session, job.job_id, JobState.REJECTED, actor=actor, error=error, summary=summary
+        )
+        if job.parent_id is not None:
+            transition(
+                session, job.parent_id, JobState.REJECTED, actor=actor, error=error, summary=summary
+            )
+    CHUNKS.labels(job.kind, JobState.REJECTED.value).inc()
+    return "rejected"
+
+
+def _check_unchanged(path: Path, params: dict[str, Any]) -> str | None:
+    if not path.is_file():
+        return f"{path.name} is no longer at {path.parent}; drop or submit it again"
+    stat = path.stat()
+    if stat.st_size != params["size_bytes"] or stat.st_mtime_ns != params["mtime_ns"]:
+        return (
+            f"{path.name} changed after it was submitted (size or modification time differ); "
+            "submit the final file again"
+        )
+    return None
+
+
+def _ingest(self: Task, job_id: int, settings: Settings) -> str:
+    job = claim(self, job_id, settings)
+    if isinstance(job, str):
+        return job
+    assert job.parent_id is not None, "an ingest job always has its extract as parent"
+    extract_id = job.parent_id
+    path = Path(job.params["path"])
+    progress = _Progress(job_id, settings)
+    if error := _check_unchanged(path, job.params):
+        return _reject(job, settings, error, progress.summary())
+
+    rss_start = current_rss_mb()
+    n = bucket_count(job.params["size_bytes"], settings.ehr_bucket_bytes, settings.ehr_max_buckets)
+    spill = BucketSpill(settings.ehr_spool_dir / f"extract-{extract_id}", n)
+    started = time.perf_counter()
+    try:
+        blocks = read_extract(
+            path,
+            job.params.get("format"),
+            block_size=settings.ehr_block_bytes,
+            on_bytes=progress.on_bytes,
+        )
+        for block in blocks:
+            spill.add(block)
+            progress.accepted += len(block)
+            progress.rejected.update(r.kind for r in block.rejections)
+            if block.rejections:
+                _store_rejections(extract_id, block, settings)
+            progress.tick()
+    except InputError as exc:
+        spill.close()
+        return _reject(job, settings, str(exc), progress.summary())
+    buckets = spill.close()
+    seconds = time.perf_counter() - started
+    summary = {
+        **progress.summary(),
+        "buckets": len(buckets),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round((progress.accepted + sum(progress.rejected.values())) / seconds),
+        "rss_start_mb": round(rss_start, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    batch_ids = _commit_batches(job, extract_id, buckets, summary, settings)
+    CHUNKS.labels(job.kind, JobState.DONE.value).inc()
+    for batch_id in batch_ids:
+        publish(batch_id, JobKind.EHR_BATCH.value)
+    with session_scope(settings.database_url) as session:
+        finish_parent_if_complete(session, extract_id, actor=audit.current_actor("worker"))
+    log.info(
+        "extract job %s ingested: %d measurements, %d rejected rows, %d batches, %.1f s",
+        extract_id,
+        progress.accepted,
+        sum(progress.rejected.values()),
+        len(batch_ids),
+        seconds,
+    )
+    return "done"
+
+
+def _commit_batches(
+    job: Claim, extract_id: int, buckets: list[Bucket], summary: dict[str, Any], s: Settings
+) -> list[int]:
+    """One transaction: a queued scoring job per bucket, the ingest done, the extract's counts."""
+    actor = audit.current_actor("worker")
+    with session_scope(s.database_url) as session:
+        batches = [
+            Job(
+                kind=JobKind.EHR_BATCH.value,
+                parent_id=extract_id,
+                source=job.params["path"].rsplit("/", 1)[-1][:512],
+                idempotency_key=f"ehr_batch:{extract_id}:{b.index}",
+                state=JobState.QUEUED.value,
+                queued_at=utcnow(),
+                params={
+                    "spool_file": str(b.path),
+                    "bucket": b.index,
+                    "models": job.params["models"],
+                },
+                item_count=b.rows,
+            )
+            for b in buckets
+        ]
+        session.add_all(batches)
+        session.flush()
+        for batch in batches:
+            audit.append(
+                session,
+                actor=actor,
+                action="job.queued",
+                subject=f"job:{batch.id}",
+                details={"kind": batch.kind, "parent": extract_id, "rows": batch.item_count},
+            )
+        transition(session, job.job_id, JobState.DONE, actor=actor, summary=summary)
+        session.execute(
+            update(Job)
+            .where(Job.id == extract_id)
+            .values(summary=summary, item_count=summary["accepted_rows"], updated_at=utcnow())
+        )
+        return [int(b.id) for b in batches]

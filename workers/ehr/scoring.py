@@ -1,0 +1,150 @@
+"""One bucket of patients → model inputs → stored scores with their explanations (no Celery, no
+Triton here: the task in ``tasks.py`` wires these to the server, tests call them directly).
+
+Each model is called with its own inputs (``diabetes_lstm_attention``: the visit sequence;
+``cvd_autoencoder``: the latest profile), built by :mod:`workers.ehr.features`, the same code
+that built the training set. The explanation stored with a score is what a clinician reviewing
+it would ask for: which visits the model attended to, and which variables pushed the risk up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ingest.ehr.schema import ModelSchema, model_schema
+from workers.ehr.features import (
+    PatientMeasurements,
+    VisitSequence,
+    latest_profile,
+    stack_sequences,
+    visit_sequence,
+)
+
+DIABETES = "diabetes_lstm_attention"
+CVD = "cvd_autoencoder"
+OUTPUTS: dict[str, list[str]] = {
+    DIABETES: ["RISK", "ATTENTION", "CONTRIBUTION"],
+    CVD: ["RISK", "RECON_ERROR", "OOD", "CONTRIBUTION"],
+}
+TOP_VISITS = 3
+TOP_VARIABLES = 3
+
+
+@dataclass(frozen=True)
+class Patient:
+    patient_id: str
+    measurements: PatientMeasurements
+
+    @property
+    def rows(self) -> int:
+        return len(self.measurements.value)
+
+
+def patients(table: pa.Table) -> Iterator[Patient]:
+    """The patients of a bucket sorted by patient then time (``ingest.ehr.spill.read_bucket``)."""
+    if table.num_rows == 0:
+        return
+    pid = table.column("patient_id").combine_chunks()
+    change = pc.not_equal(pid.slice(1), pid.slice(0, len(pid) - 1)).to_numpy(zero_copy_only=False)
+    starts = np.r_[0, np.flatnonzero(change) + 1]
+    ends = np.r_[starts[1:], len(pid)]
+    ts = table.column("timestamp").to_numpy().astype("datetime64[us]")
+    var = table.column("variable").to_numpy().astype(np.int8)
+    val = table.column("value").to_numpy().astype(np.float64)
+    for s, e in zip(starts, ends, strict=True):
+        yield Patient(str(pid[int(s)]), PatientMeasurements(ts[s:e], var[s:e], val[s:e]))
+
+
+@dataclass
+class ModelBatch:
+    """The inputs of one model for a list of patients, and what is needed to explain outputs."""
+
+    model: str
+    inputs: dict[str, np.ndarray]
+    sequences: list[VisitSequence] | None = None
+
+
+def diabetes_inputs(group: list[Patient]) -> ModelBatch:
+    schema = model_schema(DIABETES)
+    seqs = [visit_sequence(p.measurements, schema) for p in group]
+    return ModelBatch(DIABETES, stack_sequences(seqs), seqs)
+
+
+def cvd_inputs(group: list[Patient]) -> ModelBatch:
+    schema = model_schema(CVD)
+    profiles = [latest_profile(p.measurements, schema) for p in group]
+    return ModelBatch(
+        CVD,
+        {
+            "VALUES": np.stack([v for v, _ in profiles]),
+            "OBSERVED": np.stack([o for _, o in profiles]),
+        },
+    )
+
+
+def _top_variables(schema: ModelSchema, contribution: np.ndarray) -> list[dict[str, Any]]:
+    order = np.argsort(-contribution, kind="stable")[:TOP_VARIABLES]
+    return [
+        {"variable": schema.variables[j], "contribution": round(float(contribution[j]), 4)}
+        for j in order
+        if contribution[j] > 0
+    ]
+
+
+def score_rows(
+    batch: ModelBatch, group: list[Patient], out: dict[str, np.ndarray], version: str
+) -> list[dict[str, Any]]:
+    """One row of ``ehr_scores`` per patient (without the job columns)."""
+    schema = model_schema(batch.model)
+    risk = out["RISK"].reshape(len(group), -1)[:, 0]
+    contribution = out["CONTRIBUTION"].reshape(len(group), -1)
+    rows = []
+    for i, p in enumerate(group):
+        explanation: dict[str, Any] = {
+            "top_variables": _top_variables(schema, contribution[i]),
+            "contributions": {
+                name: round(float(contribution[i, j]), 4) for j, name in enumerate(schema.variables)
+            },
+        }
+        row: dict[str, Any] = {
+            "patient_id": p.patient_id,
+            "model_name": batch.model,
+            "model_version": version,
+            "risk": float(risk[i]),
+            "out_of_distribution": None,
+            "reconstruction_error": None,
+            "measurements": p.rows,
+        }
+        if batch.sequences is not None:
+            seq = batch.sequences[i]
+            weights = out["ATTENTION"][i, : seq.length].astype(float)
+            days = [str(d) for d in seq.visit_days]
+            explanation["attention"] = [
+                [d, round(float(w), 5)] for d, w in zip(days, weights, strict=True)
+            ]
+            top = np.argsort(-weights, kind="stable")[:TOP_VISITS]
+            explanation["top_visits"] = [
+                {"day": days[v], "weight": round(float(weights[v]), 4)} for v in top
+            ]
+            row["visits"] = seq.length
+        else:
+            row["visits"] = int(np.unique(p.measurements.timestamp.astype("datetime64[D]")).size)
+            row["out_of_distribution"] = bool(out["OOD"].reshape(-1)[i])
+            row["reconstruction_error"] = float(out["RECON_ERROR"].reshape(-1)[i])
+        row["explanation"] = explanation
+        rows.append(row)
+    return rows
+
+
+def build_inputs(model: str, group: list[Patient]) -> ModelBatch:
+    if model == DIABETES:
+        return diabetes_inputs(group)
+    if model == CVD:
+        return cvd_inputs(group)
+    raise KeyError(f"no input builder for model {model!r}")
