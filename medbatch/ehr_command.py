@@ -147,3 +147,40 @@ def submit_and_follow(
     elif wait:
         follow(s, result.job_id, console, timeout)
     return result.job_id
+
+
+def auroc(scores: list[float], labels: list[int]) -> float | None:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties averaged."""
+    import numpy as np
+
+    y = np.asarray(labels)
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    if not n_pos or not n_neg:
+        return None
+    _, where, counts = np.unique(np.asarray(scores), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[where]  # 1-based, ties share their mean
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def truth_check(s: Settings, extract_id: int, truth_csv: Path) -> dict[str, float | None]:
+    """AUROC of the stored risks against the generator's ground-truth labels (demo only: a real
+    extract has no truth file)."""
+    import csv
+
+    with truth_csv.open() as fh:
+        truth = {r["patient_id"]: r for r in csv.DictReader(fh)}
+    label_of = {
+        "diabetes_lstm_attention": "diabetes_complication_label",
+        "cvd_autoencoder": "cvd_label",
+    }
+    found: dict[str, tuple[list[float], list[int]]] = {m: ([], []) for m in label_of}
+    with session_scope(s.database_url) as session:
+        for model, patient_id, risk in session.execute(
+            select(EhrScore.model_name, EhrScore.patient_id, EhrScore.risk).where(
+                EhrScore.extract_id == extract_id
+            )
+        ):
+            if model in found and patient_id in truth:
+                found[model][0].append(float(risk))
+                found[model][1].append(int(truth[patient_id][label_of[model]]))
+    return {m: auroc(*found[m]) for m in found}

@@ -11,7 +11,6 @@ never left; the sweeper re-sends them.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,22 +31,12 @@ from medbatch.settings import Settings, get_settings
 from workers.celery_app import TASK_EHR_INGEST, app
 from workers.dispatch import publish
 from workers.lifecycle import Claim, claim, run_guarded
+from workers.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
 from workers.metrics import CHUNKS
 
 log = logging.getLogger(__name__)
 
 _PROGRESS_EVERY_S = 1.0
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        pages = int(fh.read().split()[1])
-    return pages * resource.getpagesize() / (1 << 20)
 
 
 @app.task(name=TASK_EHR_INGEST, bind=True, max_retries=None)
@@ -145,6 +134,7 @@ def _ingest(self: Task, job_id: int, settings: Settings) -> str:
     if error := _check_unchanged(path, job.params):
         return _reject(job, settings, error, progress.summary())
 
+    reset_peak_rss()
     rss_start = current_rss_mb()
     n = bucket_count(job.params["size_bytes"], settings.ehr_bucket_bytes, settings.ehr_max_buckets)
     spill = BucketSpill(settings.ehr_spool_dir / f"extract-{extract_id}", n)

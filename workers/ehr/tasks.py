@@ -21,9 +21,9 @@ from db.upsert import insert_ignore
 from ingest.ehr.spill import read_bucket
 from medbatch.settings import Settings, get_settings
 from workers.celery_app import TASK_EHR_SCORE, app
-from workers.ehr.ingest import peak_rss_mb
 from workers.ehr.scoring import OUTPUTS, Patient, build_inputs, patients, score_rows
 from workers.lifecycle import Claim, claim, close, infer_or_wait, run_guarded
+from workers.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
 from workers.metrics import ITEMS
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ def _score_batch(self: Task, job_id: int, settings: Settings) -> str:
             "submit the extract again with `medbatch ehr FILE --force`",
         )
         return "failed"
+    reset_peak_rss()
+    rss_start = current_rss_mb()
     group_size = settings.ehr_triton_batch
     n_patients = stored = ood = 0
     group: list[Patient] = []
@@ -110,6 +112,7 @@ def _score_batch(self: Task, job_id: int, settings: Settings) -> str:
         "patients": n_patients,
         "scores_stored": stored,
         "out_of_distribution": ood,
+        "rss_start_mb": round(rss_start, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     close(job, JobState.DONE, settings, summary=summary)
