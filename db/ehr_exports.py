@@ -26,11 +26,13 @@ SCHEMA = pa.schema(
         ("diabetes_model_version", pa.string()),
         ("diabetes_top_visits", pa.string()),
         ("diabetes_top_variables", pa.string()),
+        ("diabetes_not_scored", pa.string()),
         ("cvd_risk", pa.float64()),
         ("cvd_model_version", pa.string()),
         ("cvd_out_of_distribution", pa.bool_()),
         ("cvd_reconstruction_error", pa.float64()),
         ("cvd_top_variables", pa.string()),
+        ("cvd_not_scored", pa.string()),
         ("visits", pa.int64()),
         ("measurements", pa.int64()),
         ("line_no", pa.int64()),
@@ -59,6 +61,7 @@ def _patient_row(patient_id: str, scores: list[EhrScore]) -> dict[str, Any]:
                 diabetes_model_version=s.model_version,
                 diabetes_top_visits=_visits(s.explanation),
                 diabetes_top_variables=_variables(s.explanation),
+                diabetes_not_scored=s.not_scored,
                 visits=s.visits,
             )
         elif s.model_name == CVD:
@@ -68,6 +71,7 @@ def _patient_row(patient_id: str, scores: list[EhrScore]) -> dict[str, Any]:
                 cvd_out_of_distribution=s.out_of_distribution,
                 cvd_reconstruction_error=s.reconstruction_error,
                 cvd_top_variables=_variables(s.explanation),
+                cvd_not_scored=s.not_scored,
             )
         row["measurements"] = s.measurements
     return row

@@ -273,7 +273,10 @@ class EhrScore(Base):
     patient_id: Mapped[str] = mapped_column(String(128))
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(32))
-    risk: Mapped[float] = mapped_column()
+    risk: Mapped[float | None] = mapped_column(nullable=True, doc="None: see not_scored.")
+    not_scored: Mapped[str | None] = mapped_column(
+        Text, nullable=True, doc="Why this model could not score this patient (then no risk)."
+    )
     out_of_distribution: Mapped[bool | None] = mapped_column(nullable=True)
     reconstruction_error: Mapped[float | None] = mapped_column(nullable=True)
     visits: Mapped[int] = mapped_column(Integer, doc="Visits the model saw (<= its window).")

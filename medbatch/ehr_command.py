@@ -180,7 +180,7 @@ def truth_check(s: Settings, extract_id: int, truth_csv: Path) -> dict[str, floa
                 EhrScore.extract_id == extract_id
             )
         ):
-            if model in found and patient_id in truth:
+            if model in found and patient_id in truth and risk is not None:
                 found[model][0].append(float(risk))
                 found[model][1].append(int(truth[patient_id][label_of[model]]))
     return {m: auroc(*found[m]) for m in found}

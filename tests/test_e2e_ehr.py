@@ -31,10 +31,12 @@ from workers.dispatch import publish
 pytestmark = [pytest.mark.server]
 
 MODELS = {"diabetes_lstm_attention", "cvd_autoencoder"}
-#: The worker's memory for a whole 1-million-row extract (the CSV alone is ~45 MB; parsed whole
-#: as strings by pyarrow it would take several times that). Issue 5's target is 1 GB.
+#: The worker's memory for a whole 1-million-row extract. The CSV is ~48 MB; validating it as one
+#: block took 331 MB more than the worker's baseline (measured), streaming it in 1 MiB blocks
+#: ~50 MB, the same for a 4× larger file (pyarrow reads a few dozen blocks ahead). The benchmark
+#: target (issue 5) is 1 GB in all.
 PEAK_RSS_BOUND_MB = 1024
-GROWTH_BOUND_MB = 200
+GROWTH_BOUND_MB = 120
 
 
 def _extract_job(settings: Settings, path: Path) -> int:
@@ -205,8 +207,9 @@ def test_a_million_row_extract_runs_in_bounded_worker_memory(
         growth = summary["peak_rss_mb"] - summary["rss_start_mb"]
         assert growth <= GROWTH_BOUND_MB, (name, summary)
     ingest = next(c for c in children if c.kind == JobKind.EHR_INGEST.value)
-    # bounded: the ingest needed less extra memory than the file itself holds
-    assert ingest.summary["peak_rss_mb"] - ingest.summary["rss_start_mb"] < size_mb
+    # bounded by the block size, not the file: well under what one whole-file block costs
+    growth = ingest.summary["peak_rss_mb"] - ingest.summary["rss_start_mb"]
+    assert growth <= 40 + 60 * s.ehr_block_bytes / (1 << 20), ingest.summary
 
 
 def test_no_patient_identifier_reaches_any_log(stack: EmbeddedStack, tmp_path: Path) -> None:

@@ -127,9 +127,13 @@ def infer_or_wait(
     version: str,
     inputs: dict[str, np.ndarray],
     outputs: list[str],
+    *,
+    fail_on_refusal: bool = True,
 ) -> dict[str, np.ndarray] | str:
     """One Triton request for ``job``: its outputs, or the outcome word once the job is closed
-    (Triton refused the request) — or Celery's Retry while Triton is unavailable."""
+    (Triton refused the request) — or Celery's Retry while Triton is unavailable. With
+    ``fail_on_refusal=False`` a refusal is raised (:class:`InferenceError`) for the caller to
+    isolate the offending items instead of failing the job."""
     started = time.perf_counter()
     try:
         out = triton_client.infer(
@@ -152,6 +156,8 @@ def infer_or_wait(
             remedy="Check `medbatch triton` / the triton service, then `medbatch retry`.",
         )
     except InferenceError as exc:
+        if not fail_on_refusal:
+            raise
         close(job, JobState.FAILED, settings, error=str(exc))
         return "failed"
     TRITON_SECONDS.labels(model).observe(time.perf_counter() - started)

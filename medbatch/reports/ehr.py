@@ -74,8 +74,12 @@ def attention_svg(attention: list[list[Any]], title: str) -> str:
 
 def _card(patient_id: str, scores: dict[str, EhrScore]) -> dict[str, Any]:
     diabetes, cvd = scores.get(DIABETES), scores.get(CVD)
-    card: dict[str, Any] = {"patient_id": patient_id, "diabetes": diabetes, "cvd": cvd}
-    if diabetes is not None:
+    card: dict[str, Any] = {
+        "patient_id": patient_id,
+        "diabetes": diabetes if diabetes is not None and diabetes.risk is not None else None,
+        "cvd": cvd if cvd is not None and cvd.risk is not None else None,
+    }
+    if diabetes is not None and diabetes.risk is not None:
         card["svg"] = attention_svg(
             diabetes.explanation.get("attention", []),
             f"{patient_id}: diabetes-complication risk {diabetes.risk:.2f}",
@@ -93,9 +97,12 @@ def render_ehr_report(
     risks: dict[str, list[float]] = {DIABETES: [], CVD: []}
     lookup: dict[str, list[list[Any]]] = {}
     top: list[tuple[float, str]] = []
-    ood = 0
+    ood = not_scored = 0
     for patient_id, scores in iter_patient_scores(session, extract_id):
         for s in scores:
+            if s.risk is None:
+                not_scored += 1
+                continue
             risks.setdefault(s.model_name, []).append(s.risk)
             if s.model_name == DIABETES:
                 top.append((s.risk, patient_id))
@@ -136,6 +143,7 @@ def render_ehr_report(
         *((f"  … {kind.replace('_', ' ')}", n) for kind, n in sorted(by_kind.items())),
         ("patients scored", len(risks.get(DIABETES, []))),
         ("profiles flagged out of distribution (cvd_autoencoder)", ood),
+        ("model × patient pairs not scored (reason in the export)", not_scored),
     ]
     env = Environment(autoescape=select_autoescape(default=True))
     page = env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(

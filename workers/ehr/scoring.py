@@ -10,7 +10,7 @@ it would ask for: which visits the model attended to, and which variables pushed
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,29 +63,79 @@ def patients(table: pa.Table) -> Iterator[Patient]:
 
 @dataclass
 class ModelBatch:
-    """The inputs of one model for a list of patients, and what is needed to explain outputs."""
+    """What one model is sent for a group of patients (``patients``, in input order), what is
+    needed to explain its outputs, and the patients it cannot score, with the reason."""
 
     model: str
+    patients: list[Patient]
     inputs: dict[str, np.ndarray]
     sequences: list[VisitSequence] | None = None
+    skipped: list[tuple[Patient, str]] = field(default_factory=list)
+
+    def subset(self, indices: range) -> ModelBatch:
+        """The same batch for ``patients[indices]`` (to isolate a request Triton refused)."""
+        idx = list(indices)
+        return ModelBatch(
+            self.model,
+            [self.patients[i] for i in idx],
+            {name: array[idx] for name, array in self.inputs.items()},
+            None if self.sequences is None else [self.sequences[i] for i in idx],
+        )
+
+
+def _no_input(model: str) -> str:
+    variables = ", ".join(model_schema(model).variables)
+    return f"none of {model}'s input variables ({variables}) was measured for this patient"
 
 
 def diabetes_inputs(group: list[Patient]) -> ModelBatch:
     schema = model_schema(DIABETES)
-    seqs = [visit_sequence(p.measurements, schema) for p in group]
-    return ModelBatch(DIABETES, stack_sequences(seqs), seqs)
+    kept, seqs, skipped = [], [], []
+    for p in group:
+        seq = visit_sequence(p.measurements, schema)
+        if seq.observed.any():
+            kept.append(p)
+            seqs.append(seq)
+        else:
+            skipped.append((p, _no_input(DIABETES)))
+    inputs = stack_sequences(seqs) if seqs else {}
+    return ModelBatch(DIABETES, kept, inputs, seqs, skipped)
 
 
 def cvd_inputs(group: list[Patient]) -> ModelBatch:
     schema = model_schema(CVD)
-    profiles = [latest_profile(p.measurements, schema) for p in group]
-    return ModelBatch(
-        CVD,
+    kept, values, observed, skipped = [], [], [], []
+    for p in group:
+        v, o = latest_profile(p.measurements, schema)
+        if o.any():
+            kept.append(p)
+            values.append(v)
+            observed.append(o)
+        else:
+            skipped.append((p, _no_input(CVD)))
+    inputs = {"VALUES": np.stack(values), "OBSERVED": np.stack(observed)} if kept else {}
+    return ModelBatch(CVD, kept, inputs, None, skipped)
+
+
+def not_scored_rows(
+    model: str, version: str, pairs: list[tuple[Patient, str]]
+) -> list[dict[str, Any]]:
+    """Rows for patients this model could not score: no risk, the reason instead."""
+    return [
         {
-            "VALUES": np.stack([v for v, _ in profiles]),
-            "OBSERVED": np.stack([o for _, o in profiles]),
-        },
-    )
+            "patient_id": p.patient_id,
+            "model_name": model,
+            "model_version": version,
+            "risk": None,
+            "not_scored": reason,
+            "out_of_distribution": None,
+            "reconstruction_error": None,
+            "measurements": p.rows,
+            "visits": int(np.unique(p.measurements.timestamp.astype("datetime64[D]")).size),
+            "explanation": {},
+        }
+        for p, reason in pairs
+    ]
 
 
 def _top_variables(schema: ModelSchema, contribution: np.ndarray) -> list[dict[str, Any]]:
@@ -97,10 +147,9 @@ def _top_variables(schema: ModelSchema, contribution: np.ndarray) -> list[dict[s
     ]
 
 
-def score_rows(
-    batch: ModelBatch, group: list[Patient], out: dict[str, np.ndarray], version: str
-) -> list[dict[str, Any]]:
-    """One row of ``ehr_scores`` per patient (without the job columns)."""
+def score_rows(batch: ModelBatch, out: dict[str, np.ndarray], version: str) -> list[dict[str, Any]]:
+    """One row of ``ehr_scores`` per patient sent (without the job columns)."""
+    group = batch.patients
     schema = model_schema(batch.model)
     risk = out["RISK"].reshape(len(group), -1)[:, 0]
     contribution = out["CONTRIBUTION"].reshape(len(group), -1)
@@ -117,6 +166,7 @@ def score_rows(
             "model_name": batch.model,
             "model_version": version,
             "risk": float(risk[i]),
+            "not_scored": None,
             "out_of_distribution": None,
             "reconstruction_error": None,
             "measurements": p.rows,

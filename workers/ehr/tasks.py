@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from celery import Task
 from sqlalchemy import func, select
@@ -19,9 +20,18 @@ from db.models import EhrScore, JobState, utcnow
 from db.session import session_scope
 from db.upsert import insert_ignore
 from ingest.ehr.spill import read_bucket
+from medbatch.errors import InferenceError
 from medbatch.settings import Settings, get_settings
 from workers.celery_app import TASK_EHR_SCORE, app
-from workers.ehr.scoring import OUTPUTS, Patient, build_inputs, patients, score_rows
+from workers.ehr.scoring import (
+    OUTPUTS,
+    ModelBatch,
+    Patient,
+    build_inputs,
+    not_scored_rows,
+    patients,
+    score_rows,
+)
 from workers.lifecycle import Claim, claim, close, infer_or_wait, run_guarded
 from workers.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
 from workers.metrics import ITEMS
@@ -35,29 +45,65 @@ def score_batch(self: Task, job_id: int) -> str:
     return run_guarded(self, job_id, get_settings(), _score_batch)
 
 
+def _infer_isolating(
+    task: Task, job: Claim, settings: Settings, batch: ModelBatch, version: str
+) -> list[dict[str, Any]] | str:
+    """Score ``batch``; if Triton refuses the request, split it until the refused patients are
+    alone, and record them as not scored with Triton's reason: one patient's inputs never fail
+    the other patients of the batch."""
+    if not batch.patients:
+        return []
+    try:
+        out = infer_or_wait(
+            task,
+            job,
+            settings,
+            batch.model,
+            version,
+            batch.inputs,
+            OUTPUTS[batch.model],
+            fail_on_refusal=False,
+        )
+    except InferenceError as exc:
+        if len(batch.patients) == 1:
+            return not_scored_rows(batch.model, version, [(batch.patients[0], str(exc))])
+        half = len(batch.patients) // 2
+        first = _infer_isolating(task, job, settings, batch.subset(range(half)), version)
+        if isinstance(first, str):
+            return first
+        rest = _infer_isolating(
+            task, job, settings, batch.subset(range(half, len(batch.patients))), version
+        )
+        return rest if isinstance(rest, str) else first + rest
+    if isinstance(out, str):
+        return out
+    if out["RISK"].shape[0] != len(batch.patients):
+        close(
+            job,
+            JobState.FAILED,
+            settings,
+            error=f"{batch.model} returned {out['RISK'].shape[0]} risks for "
+            f"{len(batch.patients)} patients",
+        )
+        return "failed"
+    return score_rows(batch, out, version)
+
+
 def _score_group(task: Task, job: Claim, group: list[Patient], settings: Settings) -> int | str:
     """Score ``group`` with each model and commit; the rows stored, or the outcome word."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for model, version in job.params["models"].items():
         batch = build_inputs(model, group)
-        out = infer_or_wait(task, job, settings, model, version, batch.inputs, OUTPUTS[model])
-        if isinstance(out, str):
-            return out
-        if out["RISK"].shape[0] != len(group):
-            close(
-                job,
-                JobState.FAILED,
-                settings,
-                error=f"{model} returned {out['RISK'].shape[0]} risks for {len(group)} patients",
-            )
-            return "failed"
-        rows.extend(score_rows(batch, group, out, version))
+        rows.extend(not_scored_rows(model, version, batch.skipped))
+        scored = _infer_isolating(task, job, settings, batch, version)
+        if isinstance(scored, str):
+            return scored
+        rows.extend(scored)
     now = utcnow()
     for row in rows:
         row.update(extract_id=job.parent_id, job_id=job.job_id, created_at=now)
     with session_scope(settings.database_url) as session:
-        stored = insert_ignore(session, EhrScore, rows, ("extract_id", "patient_id", "model_name"))
-    return stored
+        return insert_ignore(session, EhrScore, rows, ("extract_id", "patient_id", "model_name"))
 
 
 def _score_batch(self: Task, job_id: int, settings: Settings) -> str:

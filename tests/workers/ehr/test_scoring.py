@@ -53,7 +53,7 @@ def test_rows_carry_risk_and_explanation(bucket: list) -> None:
         "ATTENTION": attention,
         "CONTRIBUTION": contribution,
     }
-    rows = score_rows(d, group, out, "1")
+    rows = score_rows(d, out, "1")
     assert [r["risk"] for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.9])
     for row, n, p in zip(rows, lengths, group, strict=True):
         ex = row["explanation"]
@@ -71,7 +71,38 @@ def test_rows_carry_risk_and_explanation(bucket: list) -> None:
         "OOD": np.array([[False], [True], [False], [False]]),
         "CONTRIBUTION": contribution,
     }
-    rows = score_rows(c, group, out, "1")
+    rows = score_rows(c, out, "1")
     assert [r["out_of_distribution"] for r in rows] == [False, True, False, False]
     assert rows[1]["reconstruction_error"] == pytest.approx(5.0)
     assert "attention" not in rows[0]["explanation"]
+
+
+def test_a_patient_without_any_input_of_a_model_is_not_scored_with_a_reason() -> None:
+    from ingest.ehr.reader import VARIABLE_CODES
+    from workers.ehr.features import PatientMeasurements
+    from workers.ehr.scoring import Patient, not_scored_rows
+
+    only_flags = Patient(
+        "P-FLAGS",
+        PatientMeasurements(
+            np.array(["2024-01-02T09:00"], dtype="datetime64[us]"),
+            np.array([VARIABLE_CODES["smoker"]], dtype=np.int8),
+            np.array([1.0]),
+        ),
+    )
+    d = build_inputs(DIABETES, [only_flags])
+    assert d.patients == [] and d.inputs == {}
+    ((patient, reason),) = d.skipped
+    assert patient is only_flags and "hba1c" in reason
+    c = build_inputs(CVD, [only_flags])  # smoker is a CVD input: scored
+    assert c.patients == [only_flags] and not c.skipped
+    (row,) = not_scored_rows(DIABETES, "1", d.skipped)
+    assert row["risk"] is None and row["not_scored"] == reason and row["visits"] == 1
+
+
+def test_subset_keeps_inputs_and_explanations_aligned(bucket: list) -> None:
+    d = build_inputs(DIABETES, bucket[:6])
+    part = d.subset(range(2, 5))
+    assert [p.patient_id for p in part.patients] == [p.patient_id for p in bucket[2:5]]
+    assert (part.inputs["VALUES"] == d.inputs["VALUES"][2:5]).all()
+    assert part.sequences == d.sequences[2:5]
