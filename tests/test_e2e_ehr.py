@@ -226,3 +226,31 @@ def test_no_patient_identifier_reaches_any_log(stack: EmbeddedStack, tmp_path: P
         text = log_path.read_text(errors="replace")
         for identifier in identifiers:
             assert identifier not in text, f"a patient identifier appears in {log_path}"
+
+
+def test_a_patient_triton_refuses_does_not_fail_the_others(
+    stack: EmbeddedStack, tmp_path: Path
+) -> None:
+    """Age is carried forward with the calendar: 119 at the first visit and measured again five
+    years later makes the model see 124, beyond its physiological range, and refuse the request.
+    The worker splits the request until that patient is alone; everyone else is scored."""
+    s = stack.settings
+    path = tmp_path / "centenarian.csv"
+    stats = write_long_csv(path, 40, seed=5, messiness=0.0)
+    with path.open("a") as fh:
+        fh.write("CENTENARIAN-1,2015-01-05,age,119,years\n")
+        fh.write("CENTENARIAN-1,2015-01-05,hba1c,7.9,%\n")
+        fh.write("CENTENARIAN-1,2020-03-01,hba1c,8.4,%\n")
+    assert stats.broken_rows == 0
+    result = CliRunner().invoke(app, ["ehr", str(path), "--timeout", "300"])
+    assert result.exit_code == 0, result.output
+    extract_id = _extract_job(s, path)
+    job = wait_for_job(s, extract_id)
+    assert job.state == JobState.DONE.value, job.error
+    scores = _scores(s, extract_id)
+    refused = [x for x in scores if x.patient_id == "CENTENARIAN-1"]
+    others = [x for x in scores if x.patient_id != "CENTENARIAN-1"]
+    assert len(others) == 2 * 40 and all(x.risk is not None for x in others)
+    by_model = {x.model_name: x for x in refused}
+    assert by_model["diabetes_lstm_attention"].risk is None
+    assert "age" in (by_model["diabetes_lstm_attention"].not_scored or "")
