@@ -13,7 +13,7 @@ import pyarrow as pa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import EhrScore, Rejection
+from db.models import EhrScore
 
 DIABETES = "diabetes_lstm_attention"
 CVD = "cvd_autoencoder"
@@ -106,24 +106,15 @@ def iter_patient_scores(
 
 
 def _rejected(session: Session, extract_id: int, page: int) -> Iterator[dict[str, Any]]:
-    last = 0
-    while True:
-        rows = session.execute(
-            select(Rejection.line_no, Rejection.reason)
-            .where(Rejection.job_id == extract_id, Rejection.line_no > last)
-            .order_by(Rejection.line_no)
-            .limit(page)
-        ).all()
-        if not rows:
-            return
-        for r in rows:
-            yield {
-                **dict.fromkeys(COLUMNS),
-                "status": "rejected",
-                "line_no": r.line_no,
-                "reason": r.reason,
-            }
-        last = rows[-1].line_no
+    from db.exports import iter_rejections  # db.exports dispatches to this module
+
+    for r in iter_rejections(session, extract_id, page):
+        yield {
+            **dict.fromkeys(COLUMNS),
+            "status": "rejected",
+            "line_no": r.line_no,
+            "reason": r.reason,
+        }
 
 
 def iter_ehr_results(

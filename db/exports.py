@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import heapq
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,16 @@ def _accepted(
         last = rows[-1].line_no
 
 
-def _rejected(session: Session, job_id: int, page: int) -> Iterator[dict[str, Any]]:
+@dataclass(frozen=True)
+class RejectedLine:
+    line_no: int
+    record_name: str | None
+    raw: str
+    reason: str
+
+
+def iter_rejections(session: Session, job_id: int, page: int) -> Iterator[RejectedLine]:
+    """The job's rejected lines in line order, paged."""
     last = 0
     while True:
         rows = session.execute(
@@ -123,15 +133,20 @@ def _rejected(session: Session, job_id: int, page: int) -> Iterator[dict[str, An
         if not rows:
             return
         for r in rows:
-            yield {
-                **dict.fromkeys(COLUMNS),
-                "line_no": r.line_no,
-                "record_name": r.record_name,
-                "status": "rejected",
-                "reason": r.reason,
-                "input": r.raw,
-            }
+            yield RejectedLine(r.line_no, r.record_name, r.raw, r.reason)
         last = rows[-1].line_no
+
+
+def _rejected(session: Session, job_id: int, page: int) -> Iterator[dict[str, Any]]:
+    for r in iter_rejections(session, job_id, page):
+        yield {
+            **dict.fromkeys(COLUMNS),
+            "line_no": r.line_no,
+            "record_name": r.record_name,
+            "status": "rejected",
+            "reason": r.reason,
+            "input": r.raw,
+        }
 
 
 def iter_screen_results(

@@ -9,36 +9,25 @@ on request, and each writing is audited like any other access to results.
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, select_autoescape
 from matplotlib.figure import Figure
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db import audit
 from db.ehr_exports import CVD, DIABETES, iter_patient_scores
 from db.jobs import get_job
 from db.models import EhrScore, JobKind, Rejection
 from medbatch.errors import InputError
+from medbatch.reports.page import figure_svg, write_report
 
 TOP_PATIENTS = 12
 REJECTED_SHOWN = 200
 #: Patients whose attention is embedded for the in-page lookup (beyond: draw with --patient).
 LOOKUP_LIMIT = 50_000
-TEMPLATE = files("medbatch.reports").joinpath("templates/ehr.html.j2")
-
-
-def _svg(fig: Figure) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    text = buf.getvalue()
-    return text[text.index("<svg") :]
 
 
 def risk_histogram_svg(risks: dict[str, list[float]]) -> str:
@@ -51,7 +40,7 @@ def risk_histogram_svg(risks: dict[str, list[float]]) -> str:
         ax.set_ylabel("patients")
         ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    return _svg(fig)
+    return figure_svg(fig)
 
 
 def attention_svg(attention: list[list[Any]], title: str) -> str:
@@ -69,7 +58,7 @@ def attention_svg(attention: list[list[Any]], title: str) -> str:
     ax.set_title(title, fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    return _svg(fig)
+    return figure_svg(fig)
 
 
 def _card(patient_id: str, scores: dict[str, EhrScore]) -> dict[str, Any]:
@@ -145,8 +134,13 @@ def render_ehr_report(
         ("profiles flagged out of distribution (cvd_autoencoder)", ood),
         ("model × patient pairs not scored (reason in the export)", not_scored),
     ]
-    env = Environment(autoescape=select_autoescape(default=True))
-    page = env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(
+    return write_report(
+        session,
+        "ehr.html.j2",
+        out,
+        job_id=extract_id,
+        actor=actor,
+        details={"patients": len(top), "patients_drawn": len(cards)},
         job=job,
         models=job.params.get("models", {}),
         created=f"{job.created_at:%Y-%m-%d %H:%M} UTC",
@@ -160,13 +154,3 @@ def render_ehr_report(
         rejected=rejected,
         rejected_total=rejected_total,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    audit.append(
-        session,
-        actor=actor,
-        action="results.report",
-        subject=f"job:{extract_id}",
-        details={"file": out.name, "patients": len(top), "patients_drawn": len(cards)},
-    )
-    return out

@@ -5,21 +5,18 @@ rejected row with its reason. Chemists look at structures and histograms, not CS
 from __future__ import annotations
 
 import html
-import io
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, select_autoescape
 from matplotlib.figure import Figure
 from rdkit import Chem
 from rdkit.Chem.Draw import rdMolDraw2D
 from sqlalchemy.orm import Session
 
-from db import audit
 from db.exports import iter_screen_results
 from db.jobs import get_job
+from medbatch.reports.page import figure_svg, write_report
 
 #: Solubility classes commonly used for logS (mol/L) in early discovery.
 BANDS = [
@@ -56,10 +53,7 @@ def _histogram_svg(values: list[float]) -> str:
     ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    text = buf.getvalue()
-    return text[text.index("<svg") :]
+    return figure_svg(fig)
 
 
 def _structure_svg(smiles: str, size: int = 200) -> str:
@@ -72,9 +66,6 @@ def _structure_svg(smiles: str, size: int = 200) -> str:
     drawer.FinishDrawing()
     text = drawer.GetDrawingText()
     return text[text.index("<svg") :]
-
-
-TEMPLATE = files("medbatch.reports").joinpath("templates/screening.html.j2")
 
 
 def render_screening_report(session: Session, job_id: int, out: Path, *, actor: str) -> Path:
@@ -110,8 +101,13 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
             sum(1 for r in scored if not TRAINING_RANGE[0] <= r.logs <= TRAINING_RANGE[1]),
         ),
     ]
-    env = Environment(autoescape=select_autoescape(default=True))
-    page = env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(
+    return write_report(
+        session,
+        "screening.html.j2",
+        out,
+        job_id=job_id,
+        actor=actor,
+        details={"scored": len(scored), "rejected": rejected_total},
         job=job,
         model=html.escape(str(job.params.get("model_name", ""))),
         version=html.escape(str(job.params.get("model_version", ""))),
@@ -136,13 +132,3 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
         rejected=rejected,
         rejected_total=rejected_total,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    audit.append(
-        session,
-        actor=actor,
-        action="results.report",
-        subject=f"job:{job_id}",
-        details={"file": out.name, "scored": len(scored), "rejected": rejected_total},
-    )
-    return out
