@@ -15,6 +15,7 @@ from db.session import session_scope
 from ingest.ehr.reader import read_extract
 from ingest.ehr.submit import submit_extract
 from medbatch.stack.embedded import EmbeddedStack
+from medbatch.stack.triton_server import is_ready
 from medbatch.synth.ehr import write_long_csv
 from tests.helpers import job_state, wait_for_job, wait_until
 from workers.dispatch import publish
@@ -105,3 +106,31 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
     _check_complete(s, sub.job_id, path, stats.broken_rows)
     batches = _children(s, sub.job_id, JobKind.EHR_BATCH)
     assert max(b.attempts for b in batches) == 2
+
+
+def test_batches_wait_while_triton_is_down_and_finish_when_it_returns(
+    stack: EmbeddedStack, tmp_path: Path
+) -> None:
+    s = stack.settings
+    _live_worker(stack)
+    assert stack.triton is not None
+    path = tmp_path / "triton-down.csv"
+    stats = write_long_csv(path, 300, seed=97, messiness=0.02)
+    stack.triton.stop()
+    assert not is_ready(s)
+    try:
+        sub = submit_extract(path, s, publish)
+
+        def retrying() -> bool:
+            batches = _children(s, sub.job_id, JobKind.EHR_BATCH)
+            return bool(batches) and all(
+                b.attempts >= 2 and "waiting for Triton" in (b.error or "") for b in batches
+            )
+
+        wait_until(retrying, 90, "the batches to be retrying")
+        assert job_state(s, sub.job_id) == "queued"
+    finally:
+        stack.start_triton_server()
+    _check_complete(s, sub.job_id, path, stats.broken_rows)
+    for batch in _children(s, sub.job_id, JobKind.EHR_BATCH):
+        assert batch.error is None and batch.attempts >= 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from celery import Task
 from sqlalchemy import select
@@ -61,7 +62,10 @@ def _score_chunk(self: Task, job_id: int, settings: Settings) -> str:
     version = str(job.params.get("model_version", settings.chem_model_version))
     actor = audit.current_actor("worker")
 
+    # Seconds per stage, kept in the chunk's summary: where a chunk's time goes, per job.
+    t0 = time.perf_counter()
     items = _load_chunk(job_id, settings)
+    t_load = time.perf_counter()
     if not items:
         close(job, JobState.DONE, settings, summary={"scored": 0})
         return "empty"
@@ -70,10 +74,12 @@ def _score_chunk(self: Task, job_id: int, settings: Settings) -> str:
     except ValueError as exc:
         close(job, JobState.FAILED, settings, error=f"featurisation failed: {exc}")
         return "failed"
+    t_feat = time.perf_counter()
 
     out = infer_or_wait(self, job, settings, model, version, arrays, OUTPUTS)
     if isinstance(out, str):
         return out
+    t_infer = time.perf_counter()
     logs = out["LOGS"].reshape(-1)
     if logs.shape[0] != len(items):
         close(
@@ -102,7 +108,17 @@ def _score_chunk(self: Task, job_id: int, settings: Settings) -> str:
             job_id,
             JobState.DONE,
             actor=actor,
-            summary={"scored": len(rows), "model": model, "model_version": version},
+            summary={
+                "scored": len(rows),
+                "model": model,
+                "model_version": version,
+                "seconds": {
+                    "load": round(t_load - t0, 4),
+                    "featurize": round(t_feat - t_load, 4),
+                    "triton": round(t_infer - t_feat, 4),
+                    "store": round(time.perf_counter() - t_infer, 4),
+                },
+            },
             details={"predictions": len(rows), "newly_stored": inserted},
         )
     CHUNKS.labels(JobKind.CHEM_CHUNK.value, JobState.DONE.value).inc()

@@ -9,9 +9,13 @@ the job is ``done``, so an operator's retry of a failed batch finds it.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from celery import Task
 from sqlalchemy import func, select
 
@@ -20,8 +24,9 @@ from db.models import EhrScore, JobState, utcnow
 from db.session import session_scope
 from db.upsert import insert_ignore
 from ingest.ehr.spill import read_bucket
-from medbatch.errors import InferenceError
+from medbatch.errors import InferenceError, InferenceUnavailableError
 from medbatch.settings import Settings, get_settings
+from workers import triton_client
 from workers.celery_app import TASK_EHR_SCORE, app
 from workers.ehr.scoring import (
     OUTPUTS,
@@ -32,9 +37,9 @@ from workers.ehr.scoring import (
     patients,
     score_rows,
 )
-from workers.lifecycle import Claim, claim, close, infer_or_wait, run_guarded
+from workers.lifecycle import Claim, claim, close, infer_or_wait, run_guarded, wait_or_fail
 from workers.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
-from workers.metrics import ITEMS
+from workers.metrics import ITEMS, TRITON_SECONDS, TRITON_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,12 @@ def _infer_isolating(
         return rest if isinstance(rest, str) else first + rest
     if isinstance(out, str):
         return out
+    return _rows_from(job, settings, batch, out, version)
+
+
+def _rows_from(
+    job: Claim, settings: Settings, batch: ModelBatch, out: dict[str, np.ndarray], version: str
+) -> list[dict[str, Any]] | str:
     if out["RISK"].shape[0] != len(batch.patients):
         close(
             job,
@@ -89,21 +100,118 @@ def _infer_isolating(
     return score_rows(batch, out, version)
 
 
-def _score_group(task: Task, job: Claim, group: list[Patient], settings: Settings) -> int | str:
-    """Score ``group`` with each model and commit; the rows stored, or the outcome word."""
-    rows: list[dict[str, Any]] = []
-    for model, version in job.params["models"].items():
-        batch = build_inputs(model, group)
-        rows.extend(not_scored_rows(model, version, batch.skipped))
-        scored = _infer_isolating(task, job, settings, batch, version)
-        if isinstance(scored, str):
-            return scored
-        rows.extend(scored)
-    now = utcnow()
-    for row in rows:
-        row.update(extract_id=job.parent_id, job_id=job.job_id, created_at=now)
-    with session_scope(settings.database_url) as session:
-        return insert_ignore(session, EhrScore, rows, ("extract_id", "patient_id", "model_name"))
+def _call(
+    settings: Settings, job_id: int, batch: ModelBatch, version: str
+) -> dict[str, np.ndarray]:
+    """One Triton request, run on the pipeline's thread: no job state is touched here (Celery's
+    task context lives in the task's own thread), errors go back to it."""
+    started = time.perf_counter()
+    out = triton_client.infer(
+        settings.triton_grpc_url,
+        batch.model,
+        version,
+        batch.inputs,
+        OUTPUTS[batch.model],
+        timeout_s=settings.triton_timeout_s,
+        request_id=f"job-{job_id}",
+    )
+    TRITON_SECONDS.labels(batch.model).observe(time.perf_counter() - started)
+    return out
+
+
+class _Pipeline:
+    """Scores groups of patients so that the CPU work of the next group (features) overlaps the
+    Triton calls of the current one, and both models' calls run at once (the server has an
+    instance of each). Keeps per-stage seconds for the job summary."""
+
+    def __init__(self, task: Task, job: Claim, settings: Settings) -> None:
+        self.task, self.job, self.settings = task, job, settings
+        self.models: dict[str, str] = dict(job.params["models"])
+        self.pool = ThreadPoolExecutor(max_workers=len(self.models))
+        self.pending: list[
+            tuple[list[dict[str, Any]], list[tuple[ModelBatch, str, Future[Any] | None]]]
+        ] = []
+        self.seconds = {"features": 0.0, "triton_wait": 0.0, "store": 0.0}
+        self.patients = self.stored = 0
+
+    def submit(self, group: list[Patient]) -> str | None:
+        """Build this group's inputs and send them; then finish the previous group."""
+        t0 = time.perf_counter()
+        rows: list[dict[str, Any]] = []
+        calls: list[tuple[ModelBatch, str, Future[Any] | None]] = []
+        for model, version in self.models.items():
+            batch = build_inputs(model, group)
+            rows.extend(not_scored_rows(model, version, batch.skipped))
+            future = (
+                self.pool.submit(_call, self.settings, self.job.job_id, batch, version)
+                if batch.patients
+                else None
+            )
+            calls.append((batch, version, future))
+        self.seconds["features"] += time.perf_counter() - t0
+        self.patients += len(group)
+        outcome = self.drain() if self.pending else None
+        self.pending.append((rows, calls))
+        return outcome
+
+    def drain(self) -> str | None:
+        """Wait for the oldest group's outputs and store them; the outcome word if the job ended."""
+        rows, calls = self.pending.pop(0)
+        for batch, version, future in calls:
+            if future is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = future.result()
+            except InferenceUnavailableError as exc:
+                TRITON_UNAVAILABLE.labels(batch.model).inc()
+                return wait_or_fail(  # raises Celery's Retry unless the retries are spent
+                    self.task,
+                    self.job,
+                    self.settings,
+                    exc,
+                    what="Triton",
+                    remedy="Check `medbatch triton` / the triton service, then `medbatch retry`.",
+                )
+            except InferenceError:  # some patient's inputs were refused: find them
+                scored = _infer_isolating(self.task, self.job, self.settings, batch, version)
+            else:
+                scored = _rows_from(self.job, self.settings, batch, out, version)
+            self.seconds["triton_wait"] += time.perf_counter() - t0
+            if isinstance(scored, str):
+                return scored
+            rows.extend(scored)
+        t0 = time.perf_counter()
+        now = utcnow()
+        for row in rows:
+            row.update(extract_id=self.job.parent_id, job_id=self.job.job_id, created_at=now)
+        with session_scope(self.settings.database_url) as session:
+            self.stored += insert_ignore(
+                session, EhrScore, rows, ("extract_id", "patient_id", "model_name")
+            )
+        self.seconds["store"] += time.perf_counter() - t0
+        return None
+
+    def finish(self) -> str | None:
+        """Store every group still in flight; the outcome word if the job ended."""
+        while self.pending:
+            if outcome := self.drain():
+                return outcome
+        return None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _groups(path: Path, size: int) -> Iterator[list[Patient]]:
+    group: list[Patient] = []
+    for patient in patients(read_bucket(path)):
+        group.append(patient)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _score_batch(self: Task, job_id: int, settings: Settings) -> str:
@@ -122,21 +230,19 @@ def _score_batch(self: Task, job_id: int, settings: Settings) -> str:
         return "failed"
     reset_peak_rss()
     rss_start = current_rss_mb()
-    group_size = settings.ehr_triton_batch
-    n_patients = stored = ood = 0
-    group: list[Patient] = []
-    for patient in patients(read_bucket(path)):
-        group.append(patient)
-        if len(group) == group_size:
-            outcome = _score_group(self, job, group, settings)
-            if isinstance(outcome, str):
-                return outcome
-            n_patients, stored, group = n_patients + len(group), stored + outcome, []
-    if group:
-        outcome = _score_group(self, job, group, settings)
-        if isinstance(outcome, str):
-            return outcome
-        n_patients, stored = n_patients + len(group), stored + outcome
+    started = time.perf_counter()
+    pipeline = _Pipeline(self, job, settings)
+    try:
+        outcome = None
+        for group in _groups(path, settings.ehr_triton_batch):
+            if outcome := pipeline.submit(group):
+                break
+        outcome = outcome or pipeline.finish()
+    finally:
+        pipeline.close()
+    if outcome:
+        return outcome
+    n_patients, stored = pipeline.patients, pipeline.stored
     with session_scope(settings.database_url) as session:
         ood = int(
             session.scalar(
@@ -158,6 +264,8 @@ def _score_batch(self: Task, job_id: int, settings: Settings) -> str:
         "patients": n_patients,
         "scores_stored": stored,
         "out_of_distribution": ood,
+        "seconds": round(time.perf_counter() - started, 3),
+        "stage_seconds": {k: round(v, 3) for k, v in pipeline.seconds.items()},
         "rss_start_mb": round(rss_start, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }

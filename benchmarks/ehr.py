@@ -1,0 +1,225 @@
+"""Workload 3, nightly EHR: a generated 1-million-row extract end to end to stored scores, beside
+pyarrow's raw parse of the same file (the limit: reading the CSV as strings and nothing else).
+
+    python -m benchmarks.ehr                  # 1 worker process, then 2 (scale-out)
+    python -m benchmarks.ehr --workers 1      # one configuration only
+    python -m benchmarks.ehr --quick          # a smoke run (200k rows, 1 rep)
+
+medbatch's side is the real path: ``submit_extract`` → Redis → a Celery worker streams and
+validates the file, spills patients into buckets → one scoring job per bucket → Triton (both
+EHR models) → scores and explanations in SQLite. Its time runs from submission to the extract
+job's ``done``; each repetition resubmits with ``force`` so nothing is skipped as already scored.
+Per stage: the ingest's own time, the time scoring jobs waited for a worker, and their run time.
+Worker memory: the peak resident set of each task (VmHWM reset when the task starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import median, write_record
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_EXTRACT = REPO / ".bench" / "ehr-1m.csv"
+PATIENTS_FOR_1M = 23_500  # ~44 rows per patient in the generator's long format
+
+
+def make_extract(path: Path, patients: int) -> int:
+    """The generated extract (deterministic; kept across runs); returns its data rows."""
+    from medbatch.synth.ehr import write_long_csv
+
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_long_csv(path, patients, seed=2026, messiness=0.002)
+    with path.open("rb") as fh:
+        return sum(1 for _ in fh) - 1
+
+
+def pyarrow_parse(path: Path, block_size: int) -> float:
+    """Seconds to stream the whole file through pyarrow's CSV reader as strings (the limit)."""
+    import pyarrow as pa
+    from pyarrow import csv as pacsv
+
+    from ingest.ehr.schema import LONG_COLUMNS
+
+    t0 = time.perf_counter()
+    with path.open("rb") as fh:
+        reader = pacsv.open_csv(
+            fh,
+            read_options=pacsv.ReadOptions(block_size=block_size, use_threads=False),
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in LONG_COLUMNS}
+            ),
+        )
+        for _ in reader:
+            pass
+    return time.perf_counter() - t0
+
+
+def _activate(settings: Any) -> None:
+    """Point this process's Celery app and settings at the benchmark's private stack."""
+    from medbatch.settings import get_settings
+    from medbatch.stack.worker_process import settings_env
+    from workers.celery_app import app, configure
+
+    os.environ.update(
+        {k: v for k, v in settings_env(settings).items() if k.startswith("MEDBATCH_")}
+    )
+    get_settings.cache_clear()
+    configure(app, settings)
+
+
+def medbatch_run(settings: Any, path: Path) -> dict[str, Any]:
+    """One end-to-end run; its seconds, stages and the workers' memory."""
+    from sqlalchemy import select
+
+    from db.models import TERMINAL_STATES, Job, JobKind, JobState
+    from db.session import session_scope
+    from ingest.ehr.submit import submit_extract
+    from workers.dispatch import publish
+
+    t0 = time.perf_counter()
+    sub = submit_extract(path, settings, publish, force=True)
+    while True:
+        with session_scope(settings.database_url) as session:
+            state = session.get_one(Job, sub.job_id).state
+        if JobState(state) in TERMINAL_STATES:
+            break
+        time.sleep(0.05)
+    seconds = time.perf_counter() - t0
+    if state != JobState.DONE.value:
+        raise RuntimeError(f"extract job {sub.job_id} ended {state}")
+    with session_scope(settings.database_url) as session:
+        children = list(session.scalars(select(Job).where(Job.parent_id == sub.job_id)))
+        ingest = next(c for c in children if c.kind == JobKind.EHR_INGEST.value)
+        batches = [c for c in children if c.kind == JobKind.EHR_BATCH.value]
+        ingest_end = ingest.finished_at
+        waits = [(b.started_at - ingest_end).total_seconds() for b in batches]
+        runs = [(b.finished_at - b.started_at).total_seconds() for b in batches]
+        last = max(b.finished_at for b in batches)
+        return {
+            "seconds": seconds,
+            "rows": ingest.summary["accepted_rows"] + ingest.summary["rejected_rows"],
+            "patients": sum(b.summary["patients"] for b in batches),
+            "batches": len(batches),
+            "ingest_seconds": ingest.summary["seconds"],
+            "ingest_rows_per_s": ingest.summary["rows_per_s"],
+            "scoring_wall_seconds": (last - ingest_end).total_seconds(),
+            "batch_run_seconds_sum": sum(runs),
+            "batch_wait_seconds_max": max(waits),
+            "ingest_peak_rss_mb": ingest.summary["peak_rss_mb"],
+            "batch_peak_rss_mb": max(b.summary["peak_rss_mb"] for b in batches),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--extract", type=Path, default=DEFAULT_EXTRACT)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--workers", default="1,2", help="worker processes to compare")
+    parser.add_argument("--quick", action="store_true", help="a smoke run for CI")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from db.migrate import upgrade
+    from medbatch.settings import Settings
+    from medbatch.stack.embedded import EmbeddedStack
+    from medbatch.stack.process import free_port
+
+    console = Console()
+    extract = args.extract
+    if args.quick:
+        extract = extract.with_name("ehr-200k.csv")
+    rows = make_extract(extract, PATIENTS_FOR_1M // 5 if args.quick else PATIENTS_FOR_1M)
+    reps = 1 if args.quick else args.reps
+    console.print(f"{extract.name}: {rows:,} rows, {extract.stat().st_size / 1e6:.0f} MB")
+
+    results: dict[str, Any] = {}
+    for n_workers in [int(w) for w in args.workers.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = Settings(
+                storage_dir=Path(tmp),
+                database_url=f"sqlite:///{tmp}/medbatch.db",
+                broker_url=f"redis://127.0.0.1:{free_port()}/0",
+                triton_http_port=free_port(),
+                triton_grpc_port=free_port(),
+                triton_metrics_port=free_port(),
+                worker_concurrency=1,
+            )
+            _activate(settings)
+            upgrade(settings.database_url)
+            with EmbeddedStack(settings, workers=n_workers, beat=False, report=console.log):
+                medbatch_run(settings, extract)  # warm: models loaded, imports done
+                runs: list[dict[str, Any]] = []
+                parses: list[float] = []
+                for _ in range(reps):  # alternating: the limit, then medbatch
+                    parses.append(pyarrow_parse(extract, settings.ehr_block_bytes))
+                    runs.append(medbatch_run(settings, extract))
+        med = {k: median([r[k] for r in runs]) for k in runs[0]}
+        results[str(n_workers)] = {
+            "runs": runs,
+            "median": med,
+            "medbatch_rows_per_s": rows / med["seconds"],
+            "pyarrow_parse_rows_per_s": rows / median(parses),
+            "parse_seconds": parses,
+            "load_average": os.getloadavg(),
+        }
+
+    table = Table(title=f"EHR extract end to end ({rows:,} rows), medians of {reps}")
+    for col in (
+        "workers",
+        "medbatch rows/s",
+        "pyarrow parse rows/s",
+        "medbatch / parse",
+        "ingest rows/s",
+        "scoring wall s",
+        "peak RSS MB",
+    ):
+        table.add_column(col, justify="right")
+    for n, r in results.items():
+        m = r["median"]
+        table.add_row(
+            n,
+            f"{r['medbatch_rows_per_s']:,.0f}",
+            f"{r['pyarrow_parse_rows_per_s']:,.0f}",
+            f"{r['medbatch_rows_per_s'] / r['pyarrow_parse_rows_per_s']:.2f}×",
+            f"{m['ingest_rows_per_s']:,.0f}",
+            f"{m['scoring_wall_seconds']:.1f}",
+            f"{max(m['ingest_peak_rss_mb'], m['batch_peak_rss_mb']):.0f}",
+        )
+    console.print(table)
+    if len(results) > 1:
+        ones, twos = results.get("1"), results.get("2")
+        if ones and twos:
+            console.print(
+                f"scale-out: 2 workers / 1 worker = "
+                f"{twos['medbatch_rows_per_s'] / ones['medbatch_rows_per_s']:.2f}×"
+            )
+    path = write_record(
+        "ehr",
+        {
+            "extract": extract.name,
+            "rows": rows,
+            "size_bytes": extract.stat().st_size,
+            "reps": reps,
+            "by_workers": results,
+            "targets": {"rows_per_s": ">= 500000", "worker_peak_rss_mb": "<= 1024"},
+        },
+        args.out_dir,
+    )
+    console.print(f"record: {path}")
+
+
+if __name__ == "__main__":
+    main()
