@@ -66,13 +66,13 @@ def _activate(settings: Any) -> None:
     """Point this process's Celery app and settings at the benchmark's private stack."""
     from medbatch.settings import get_settings
     from medbatch.stack.worker_process import settings_env
-    from workers.celery_app import app, configure
+    from workers.celery_app import app, reconfigure
 
     os.environ.update(
         {k: v for k, v in settings_env(settings).items() if k.startswith("MEDBATCH_")}
     )
     get_settings.cache_clear()
-    configure(app, settings)
+    reconfigure(app, settings)
 
 
 def medbatch_run(settings: Any, path: Path) -> dict[str, Any]:
@@ -113,6 +113,12 @@ def medbatch_run(settings: Any, path: Path) -> dict[str, Any]:
             "scoring_wall_seconds": (last - ingest_end).total_seconds(),
             "batch_run_seconds_sum": sum(runs),
             "batch_wait_seconds_max": max(waits),
+            **{
+                f"batch_{stage}_seconds_sum": sum(
+                    b.summary["stage_seconds"][stage] for b in batches
+                )
+                for stage in ("features", "triton_wait", "store")
+            },
             "ingest_peak_rss_mb": ingest.summary["peak_rss_mb"],
             "batch_peak_rss_mb": max(b.summary["peak_rss_mb"] for b in batches),
         }

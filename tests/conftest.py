@@ -115,30 +115,19 @@ def make_settings(tmp: Path, **overrides: object) -> Settings:
 
 def activate(settings: Settings) -> None:
     """Make this test process use ``settings`` too (environment, cached settings, Celery app)."""
-    from workers.celery_app import app, configure
+    from workers.celery_app import app, reconfigure
 
     os.environ.update(
         {k: v for k, v in settings_env(settings).items() if k.startswith("MEDBATCH_")}
     )
     get_settings.cache_clear()
-    configure(app, settings)
-    _drop_broker_pool(app)
-
-
-def _drop_broker_pool(app: object) -> None:
-    """Forget the pools of the previous broker (Celery caches them; kombu keeps them by URL, so
-    they are dropped, not closed: going back to an earlier broker finds its pool intact)."""
-    if getattr(app, "_pool", None) is not None:
-        app._pool = None  # type: ignore[attr-defined]
-    amqp = app.__dict__.get("amqp")
-    if amqp is not None:
-        amqp._producer_pool = None
+    reconfigure(app, settings)
 
 
 @contextmanager
 def private_stack(settings: Settings, **kw: object) -> Iterator[EmbeddedStack]:
     """A stack for ``settings``; the process-wide settings are restored afterwards."""
-    from workers.celery_app import app, configure
+    from workers.celery_app import app, reconfigure
 
     saved = dict(os.environ)
     activate(settings)
@@ -149,8 +138,7 @@ def private_stack(settings: Settings, **kw: object) -> Iterator[EmbeddedStack]:
         os.environ.clear()
         os.environ.update(saved)
         get_settings.cache_clear()
-        configure(app, get_settings())
-        _drop_broker_pool(app)
+        reconfigure(app, get_settings())
 
 
 @pytest.fixture(scope="session")

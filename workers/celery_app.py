@@ -102,6 +102,19 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
+def reconfigure(app: Celery, settings: Settings) -> None:
+    """Point an already-used app at other settings (tests, benchmarks with a private stack):
+    configure it, then forget the pools of the previous broker. Celery caches them; kombu keeps
+    them by URL, so they are dropped, not closed: going back to an earlier broker finds its pool
+    intact."""
+    configure(app, settings)
+    if getattr(app, "_pool", None) is not None:
+        app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+
+
 app = Celery(
     "medbatch",
     include=[
