@@ -6,75 +6,31 @@ the real server, concurrent requests over gRPC."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ingest.ehr.schema import MODELS, VARIABLES
-from tests.triton_models.python_backend import Request, cpu_model, load_module
+from tests.triton_models import ehr_model
+from tests.triton_models.ehr_model import CPU
+from tests.triton_models.python_backend import Request
 
 NAME = "cvd_autoencoder"
-MODEL_DIR = Path(__file__).resolve().parents[2] / "triton_models" / NAME
+MODEL_DIR = ehr_model.MODELS_DIR / NAME
 VERSION_DIR = MODEL_DIR / "1"
-CPU = torch.device("cpu")
 INPUTS = ("VALUES", "OBSERVED")
 OUTPUTS = ("RISK", "RECON_ERROR", "OOD", "CONTRIBUTION")
 COLUMN = {name: j for j, name in enumerate(MODELS[NAME].variables)}
 
 
-def auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """Mann–Whitney AUROC with tied scores at their average rank (as scikit-learn's)."""
-    _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
-    upper = np.cumsum(counts)
-    ranks = (upper - (counts - 1) / 2.0)[inverse]
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-@pytest.fixture(scope="module")
-def network():
-    return load_module(f"{NAME}_network_test", VERSION_DIR / "network.py")
-
-
-@pytest.fixture(scope="module")
-def train_module():
-    return load_module(f"{NAME}_train_test", MODEL_DIR / "train.py")
-
-
-@pytest.fixture(scope="module")
-def payload():
-    return torch.load(VERSION_DIR / "weights.pt", map_location="cpu", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def model(network, payload):
-    return network.build_from_payload(payload)
-
-
-@pytest.fixture(scope="module")
-def metrics():
-    return json.loads((MODEL_DIR / "metrics.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def reference(train_module, metrics, tmp_path_factory):
-    """The reference test patients, rebuilt as train.py built them: a synthetic long extract,
-    read back by the ingest reader, turned into latest profiles by the worker's feature code."""
-    ref = metrics["reference"]
-    cohort = train_module.load_cohort(
-        ref["patients"], ref["generator_seed"], tmp_path_factory.mktemp("ehr")
-    )
-    return cohort, train_module.cohort_inputs(cohort)
+network, train_module, payload, model, metrics, reference, triton_model = ehr_model.fixtures(NAME)
 
 
 def tensors(inputs: dict[str, np.ndarray], sl: slice = slice(None)) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.ascontiguousarray(inputs[n][sl])) for n in INPUTS]
+    return ehr_model.tensors(inputs, INPUTS, sl)
 
 
 def profile(**values: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,10 +63,7 @@ def test_constants_match_schema(network):
 
 
 def test_config_matches_network():
-    config = (MODEL_DIR / "config.pbtxt").read_text()
-    assert 'key: "cpu_threads"' in config and "KIND_CPU" in config
-    assert 'backend: "python"' in config and "dynamic_batching" in config
-    assert int(config.split("max_batch_size:")[1].split()[0]) >= 64
+    config = ehr_model.read_cpu_config(MODEL_DIR)
     for line in (
         'name: "VALUES" data_type: TYPE_FP32 dims: [ 10 ]',
         'name: "OBSERVED" data_type: TYPE_FP32 dims: [ 10 ]',
@@ -120,8 +73,6 @@ def test_config_matches_network():
         'name: "CONTRIBUTION" data_type: TYPE_FP32 dims: [ 10 ]',
     ):
         assert line in config
-    gpu = (MODEL_DIR / "configs" / "gpu.pbtxt").read_text()
-    assert gpu.replace("KIND_GPU", "KIND_CPU").split("name:", 1)[1] == config.split("name:", 1)[1]
 
 
 def test_weights_payload_hash_size_and_threshold(network, model, payload, metrics):
@@ -145,10 +96,7 @@ def test_build_rejects_other_variables(network, payload):
 
 def test_recorded_metrics(metrics):
     t = metrics["test"]
-    model, base, ceiling = (
-        t[k]["auroc"]
-        for k in ("model", "baseline_logistic_regression", "truth_probability_ceiling")
-    )
+    model, base, ceiling = ehr_model.recorded_aurocs(metrics)
     assert model > 0.78
     assert model > base - 0.005  # logistic regression is a strong baseline on this mechanism
     assert model < ceiling + 0.005
@@ -159,17 +107,11 @@ def test_recorded_metrics(metrics):
 
 
 def test_committed_weights_reproduce_reference_patients(network, model, metrics, reference):
-    cohort, inputs = reference
+    pred = ehr_model.rescore_reference(network, model, metrics, reference, INPUTS)
     ref = metrics["reference"]
-    assert len(cohort.patient_ids) == ref["patients"]
-    pred = network.predict(model, *tensors(inputs), CPU)
-    risk = pred.risk.numpy().astype(np.float64)
-    assert auroc(cohort.label, risk) == pytest.approx(ref["auroc"], abs=2e-6)
-    assert risk.sum() == pytest.approx(ref["risk_sum"], abs=1e-2)
     assert float(pred.recon_error.double().sum()) == pytest.approx(ref["recon_error_sum"], abs=1e-2)
     assert int(pred.ood.sum()) == ref["ood_count"]
     for i, first in enumerate(ref["first"]):
-        assert cohort.patient_ids[i] == first["patient_id"]
         assert float(pred.risk[i]) == pytest.approx(first["risk"], abs=1e-5)
         assert float(pred.recon_error[i]) == pytest.approx(first["recon_error"], abs=1e-5)
         assert bool(pred.ood[i]) == first["ood"]
@@ -205,17 +147,11 @@ def test_unobserved_values_are_ignored(network, model, reference):
     clean = network.predict(model, values, observed, CPU)
     garbage = torch.where(observed == 1, values, torch.full_like(values, 1e4))
     dirty = network.predict(model, garbage, observed, CPU)
-    for a, b in zip(clean, dirty, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    ehr_model.assert_same_outputs(clean, dirty, atol=1e-6)
 
 
 def test_batching_invariance(network, model, reference):
-    _, inputs = reference
-    together = network.predict(model, *tensors(inputs, slice(0, 5)), CPU)
-    for i in range(5):
-        alone = network.predict(model, *tensors(inputs, slice(i, i + 1)), CPU)
-        for a, b in zip(alone, together, strict=True):
-            torch.testing.assert_close(a[0], b[i], atol=1e-5, rtol=0)
+    ehr_model.assert_batching_invariant(network, model, reference[1], INPUTS)
 
 
 def test_contributions_are_occlusion_effects(network, model, reference):
@@ -244,13 +180,7 @@ def test_contributions_name_the_risk_factor(network, model):
 
 def test_validate_inputs_messages(network, reference):
     _, inputs = reference
-    ok = {n: torch.from_numpy(inputs[n][:3].copy()) for n in INPUTS}
-    assert network.validate_inputs(ok) is None
-
-    def bad(name, edit):
-        changed = {n: t.clone() for n, t in ok.items()}
-        changed[name] = edit(changed[name])
-        return network.validate_inputs(changed)
+    bad = ehr_model.validation_checker(network, inputs, INPUTS)
 
     def mg_dl(t):  # total cholesterol sent in mg/dL
         t[0, COLUMN["total_cholesterol"]] = 201.0
@@ -274,12 +204,6 @@ def test_validate_inputs_messages(network, reference):
 
 
 # ------------------------------------------------------------------ python backend execute()
-@pytest.fixture(scope="module")
-def triton_model():
-    with cpu_model(MODEL_DIR, f"{NAME}_triton_model_test") as m:
-        yield m
-
-
 def test_execute_batches_requests_and_isolates_errors(network, model, triton_model, reference):
     _, inputs = reference
     one = {n: inputs[n][:1] for n in INPUTS}

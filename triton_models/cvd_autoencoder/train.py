@@ -17,24 +17,14 @@ network has seen). The OOD threshold is a high percentile of the reconstruction 
 validation patients. Baseline: scikit-learn logistic regression on the latest profile. Ceiling:
 the AUROC of the true generating probability.
 
-Writes ``1/weights.pt``, ``metrics.json`` and ``MODEL_CARD.md`` next to this file. Two runs give
-bit-identical weights (fixed seeds, deterministic algorithms, one torch thread, fixed data
-order); ``metrics.json`` records the SHA-256 of the state dict tensors.
+Writes ``1/weights.pt``, ``metrics.json`` and ``MODEL_CARD.md`` next to this file, bit-identical on
+every rerun (``medbatch.training.run``, shared with the other EHR model).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
-import importlib.util
-import json
-import platform
-import random
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,22 +35,19 @@ REPO_ROOT = HERE.parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from ingest.ehr.reader import read_long  # noqa: E402
 from ingest.ehr.schema import MODELS  # noqa: E402
-from medbatch.synth.ehr import write_long_csv  # noqa: E402
-from workers.ehr.features import PatientMeasurements, latest_profile  # noqa: E402
+from medbatch.training import ehr, run  # noqa: E402
+from workers.ehr.features import latest_profile  # noqa: E402
 
 NAME = "cvd_autoencoder"
-SCHEMA = MODELS[NAME]
-VERSION_DIR = HERE / "1"
-WEIGHTS_PATH = VERSION_DIR / "weights.pt"
-METRICS_PATH = HERE / "metrics.json"
-MODEL_CARD_PATH = HERE / "MODEL_CARD.md"
+#: The truth sidecar's columns ``<OUTCOME>_label`` and ``<OUTCOME>_prob``.
+OUTCOME = "cvd"
+FILES = run.ModelFiles(HERE)
 SEED = 20240918
 #: Generator seed of each split (the synthetic patients of different seeds are independent).
 SPLIT_SEEDS = {"train": 6_100, "val": 6_200, "test": 6_300}
-#: The first test patients, re-scored by the tests against the figures recorded here.
-REFERENCE_PATIENTS = 2000
+CPU = torch.device("cpu")
+BASELINE = "logistic regression on the latest profile"
 #: Profiles inside every physiological limit but jointly implausible; OOD must flag them.
 #: Columns: age, sex, sbp, dbp, bmi, total_cholesterol, hdl, ldl, smoker, hba1c.
 IMPLAUSIBLE_PROFILES: dict[str, list[float]] = {
@@ -90,72 +77,13 @@ IMPLAUSIBLE_PROFILES: dict[str, list[float]] = {
     ],
 }
 
-
-def load_network_module():
-    """``1/network.py`` loaded by path, exactly as the Triton model does."""
-    spec = importlib.util.spec_from_file_location(f"{NAME}_network", VERSION_DIR / "network.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-network = load_network_module()
+network = run.load_network_module(NAME, FILES.version_dir)
 
 
 # ----------------------------------------------------------------------------------------- data
-@dataclass
-class Cohort:
-    """The patients of one synthetic extract as the ingest sees them, with their truth."""
-
-    patient_ids: list[str]
-    measurements: list[PatientMeasurements]
-    label: np.ndarray  # [N] int64, CVD event
-    prob: np.ndarray  # [N] float64, the true generating probability
-    rows: int  # data lines written
-    accepted: int  # measurements the reader accepted
-
-
-def load_cohort(n: int, seed: int, workdir: Path) -> Cohort:
-    """Write a long extract of ``n`` patients, read it back with the ingest's reader and group
-    the accepted rows per patient (patients in generation order; one with no accepted row, if
-    any, is dropped: the worker could not score it either)."""
-    path = workdir / f"extract-{seed}-{n}.csv"
-    stats = write_long_csv(path, n, seed)
-    with stats.truth_path.open(newline="") as f:
-        truth = list(csv.DictReader(f))
-    blocks = list(read_long(path))
-    pid = np.concatenate([b.patient_id.to_numpy(zero_copy_only=False) for b in blocks])
-    stamp = np.concatenate([b.timestamp for b in blocks])
-    var = np.concatenate([b.variable for b in blocks])
-    val = np.concatenate([b.value for b in blocks])
-    ids, inverse = np.unique(pid.astype(str), return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(ids)))])
-    where = {str(p): k for k, p in enumerate(ids)}
-    kept, measurements, label, prob = [], [], [], []
-    for row in truth:
-        k = where.get(row["patient_id"])
-        if k is None:
-            continue
-        sel = order[bounds[k] : bounds[k + 1]]
-        kept.append(row["patient_id"])
-        measurements.append(PatientMeasurements(stamp[sel], var[sel], val[sel]))
-        label.append(int(row["cvd_label"]))
-        prob.append(float(row["cvd_prob"]))
-    return Cohort(
-        kept,
-        measurements,
-        np.array(label, dtype=np.int64),
-        np.array(prob),
-        stats.rows,
-        len(val),
-    )
-
-
-def cohort_inputs(cohort: Cohort) -> dict[str, np.ndarray]:
+def cohort_inputs(cohort: ehr.Cohort) -> dict[str, np.ndarray]:
     """The model inputs of every patient, as the worker builds them."""
-    profiles = [latest_profile(m, SCHEMA) for m in cohort.measurements]
+    profiles = [latest_profile(m, MODELS[NAME]) for m in cohort.measurements]
     return {
         "VALUES": np.stack([v for v, _ in profiles]),
         "OBSERVED": np.stack([o for _, o in profiles]),
@@ -169,24 +97,14 @@ def as_tensors(inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tenso
 def normalisation(inputs: dict[str, np.ndarray]) -> dict[str, list[float]]:
     """Mean and standard deviation of each variable over its observed values (training
     patients only)."""
-    obs = inputs["OBSERVED"] > 0.5
-    mean, std = [], []
-    for j in range(network.N_FEATURES):
-        x = inputs["VALUES"][:, j][obs[:, j]].astype(np.float64)
-        mean.append(float(x.mean()))
-        std.append(float(max(x.std(), 1e-3)))
+    mean, std = ehr.observed_mean_std(inputs["VALUES"], inputs["OBSERVED"] > 0.5)
     return {"value_mean": mean, "value_std": std}
 
 
-def summary(cohort: Cohort, seed: int, inputs: dict[str, np.ndarray]) -> dict:
+def summary(cohort: ehr.Cohort, seed: int, inputs: dict[str, np.ndarray]) -> dict:
     observed = inputs["OBSERVED"].mean(axis=0)
     return {
-        "generator_seed": seed,
-        "patients": len(cohort.patient_ids),
-        "positives": int(cohort.label.sum()),
-        "prevalence": round(float(cohort.label.mean()), 4),
-        "csv_rows": cohort.rows,
-        "accepted_measurements": cohort.accepted,
+        **ehr.cohort_summary(cohort, seed),
         "observed_share": {
             name: round(float(observed[j]), 4) for j, name in enumerate(network.VARIABLES)
         },
@@ -194,71 +112,40 @@ def summary(cohort: Cohort, seed: int, inputs: dict[str, np.ndarray]) -> dict:
 
 
 # ------------------------------------------------------------------------------------- training
-def train_model(model, train, y: torch.Tensor, val, y_val, args) -> list[dict]:
+def train_model(model, tensors: dict[str, tuple[torch.Tensor, ...]], labels: dict, args):
     """Joint reconstruction + BCE training with random withholding of observed variables;
     returns the losses and validation AUROC of each epoch."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from sklearn.metrics import roc_auc_score
 
-    values, observed = train
-    n = values.shape[0]
-    steps_per_epoch = (n + args.batch_size - 1) // args.batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
-    )
+    values, observed = tensors["train"]
+    y, val, y_val = labels["train"], tensors["val"], labels["val"]
     bce = torch.nn.functional.binary_cross_entropy_with_logits
-    gen = torch.Generator().manual_seed(SEED)
-    history = []
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns) as progress:
-        task = progress.add_task("training", total=args.epochs * steps_per_epoch, info="")
-        for epoch in range(args.epochs):
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            run_rec = run_bce = 0.0
-            for s in range(steps_per_epoch):
-                idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
-                hidden = (
-                    torch.rand(len(idx), network.N_FEATURES, generator=gen) < args.denoise
-                ).float()
-                logits, recon, z = model(values[idx], observed[idx], hidden)
-                rec = network.reconstruction_error(recon, z, observed[idx]).mean()
-                cls = bce(logits, y[idx])
-                loss = args.recon_weight * rec + cls
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                run_rec += float(rec.detach())
-                run_bce += float(cls.detach())
-                progress.advance(task)
-            model.eval()
-            val_p, val_err = score(model, val)
-            auc = float(roc_auc_score(y_val.numpy(), val_p))
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_recon_mse": round(run_rec / steps_per_epoch, 5),
-                    "train_bce": round(run_bce / steps_per_epoch, 5),
-                    "val_recon_mse": round(float(val_err.mean()), 5),
-                    "val_auroc": round(auc, 5),
-                }
-            )
-            progress.update(
-                task,
-                info=f"epoch {epoch + 1}: recon {run_rec / steps_per_epoch:.3f}, "
-                f"bce {run_bce / steps_per_epoch:.4f}, val AUROC {auc:.4f}",
-            )
-    model.eval()
-    return history
+
+    def step(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        hidden = (torch.rand(len(idx), network.N_FEATURES, generator=gen) < args.denoise).float()
+        logits, recon, z = model(values[idx], observed[idx], hidden)
+        rec = network.reconstruction_error(recon, z, observed[idx]).mean()
+        cls = bce(logits, y[idx])
+        loss = args.recon_weight * rec + cls
+        return loss, {"rec": float(rec.detach()), "bce": float(cls.detach())}
+
+    def end_epoch(epoch: int, mean: dict[str, float]) -> tuple[dict, str]:
+        val_p, val_err = score(model, val)
+        auc = float(roc_auc_score(y_val.numpy(), val_p))
+        entry = {
+            "epoch": epoch + 1,
+            "train_recon_mse": round(mean["rec"], 5),
+            "train_bce": round(mean["bce"], 5),
+            "val_recon_mse": round(float(val_err.mean()), 5),
+            "val_auroc": round(auc, 5),
+        }
+        info = (
+            f"epoch {epoch + 1}: recon {mean['rec']:.3f}, bce {mean['bce']:.4f}, "
+            f"val AUROC {auc:.4f}"
+        )
+        return entry, info
+
+    return run.train_epochs(model, values.shape[0], args, SEED, step, end_epoch)
 
 
 def score(model, inputs, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
@@ -276,131 +163,23 @@ def score(model, inputs, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-# ------------------------------------------------------------------------------------ metrics
-def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict:
-    """AUROC, Brier score, expected calibration error (10 equal-count bins), mean predicted
-    risk against the observed rate."""
-    from sklearn.metrics import brier_score_loss, roc_auc_score
-
-    order = np.argsort(p, kind="stable")
-    ece = 0.0
-    for part in np.array_split(order, 10):
-        ece += len(part) / len(p) * abs(float(p[part].mean()) - float(y[part].mean()))
-    return {
-        "auroc": round(float(roc_auc_score(y, p)), 6),
-        "brier": round(float(brier_score_loss(y, p)), 6),
-        "ece_10_bins": round(ece, 6),
-        "mean_predicted": round(float(p.mean()), 6),
-        "observed_rate": round(float(y.mean()), 6),
-    }
-
-
-def paired_auroc_difference(
-    y: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = 500
-) -> dict:
-    """AUROC(a) − AUROC(b) on the same patients with a 95 % paired bootstrap interval."""
-    from sklearn.metrics import roc_auc_score
-
-    rng = np.random.default_rng(SEED)
-    diffs = []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(y), len(y))
-        diffs.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    point = roc_auc_score(y, a) - roc_auc_score(y, b)
-    return {
-        "difference": round(float(point), 6),
-        "ci95": [round(float(lo), 6), round(float(hi), 6)],
-    }
-
-
+# ------------------------------------------------------------------------------------ baseline
 def baseline_features(inputs: dict[str, np.ndarray]) -> np.ndarray:
     """The latest profile, NaN where never observed: [N, 10]."""
     return np.where(inputs["OBSERVED"] > 0.5, inputs["VALUES"].astype(np.float64), np.nan)
 
 
-def run_baseline(train_x: np.ndarray, y: np.ndarray, test_x: np.ndarray) -> np.ndarray:
-    """Logistic regression (missing → training mean, standardised); test probabilities."""
-    from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(
-        SimpleImputer(strategy="mean"), StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)
-    )
-    clf.fit(train_x, y)
-    return clf.predict_proba(test_x)[:, 1]
-
-
-def contribution_summary(pred) -> dict:
-    """Per variable: mean contribution, and how often it is the largest one."""
-    contribution = pred.contribution.numpy()
-    top = contribution.argmax(axis=1)
-    high = pred.risk.numpy() > 0.5
-    return {
-        name: {
-            "mean": round(float(contribution[:, j].mean()), 5),
-            "top_share": round(float((top == j).mean()), 4),
-            "top_share_risk_above_0.5": round(float((top[high] == j).mean()), 4)
-            if high.any()
-            else None,
-        }
-        for j, name in enumerate(network.VARIABLES)
-    }
-
-
-def time_batch(model, inputs, repeats: int = 5) -> float:
-    """Median seconds of ``network.predict`` (with the occlusion copies) on 64 patients."""
-    batch = tuple(t[:64] for t in inputs)
-    network.predict(model, *batch, torch.device("cpu"))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        network.predict(model, *batch, torch.device("cpu"))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 # ---------------------------------------------------------------------------------- model card
-def write_model_card(metrics: dict) -> None:
-    t, d, hp, ood = metrics["test"], metrics["data"], metrics["hyperparameters"], metrics["ood"]
-    rows = []
-    for label, key in (
-        ("`cvd_autoencoder`, this model", "model"),
-        ("baseline: logistic regression on the latest profile", "baseline_logistic_regression"),
-        ("ceiling: the true generating probability", "truth_probability_ceiling"),
-    ):
-        m = t[key]
-        rows.append(
-            f"| {label} | {m['auroc']:.4f} | {m['brier']:.4f} | {m['ece_10_bins']:.4f} "
-            f"| {m['mean_predicted']:.4f} |"
-        )
-    contrib = []
-    for name, c in metrics["contributions_on_reference_patients"].items():
-        high = c["top_share_risk_above_0.5"]
-        contrib.append(
-            f"| {name} | {c['mean']:+.3f} | {c['top_share']:.1%} | "
-            + (f"{high:.1%}" if high is not None else "–")
-            + " |"
-        )
+def model_card(metrics: dict) -> str:
+    hp, ood = metrics["hyperparameters"], metrics["ood"]
     implausible = [
         f"| {name} | {r['recon_error']:.1f} | {'yes' if r['ood'] else 'no'} | {r['risk']:.3f} |"
         for name, r in ood["implausible_profiles"].items()
     ]
     pct = ood["test_recon_error_percentiles"]
-    mb, cm = t["model_minus_baseline_auroc"], t["ceiling_minus_model_auroc"]
-    text = MODEL_CARD_TEMPLATE.format(
-        results_table="\n".join(rows),
-        contribution_table="\n".join(contrib),
+    return MODEL_CARD_TEMPLATE.format(
+        **ehr.card_fields(metrics, NAME, BASELINE),
         implausible_table="\n".join(implausible),
-        diff=mb["difference"],
-        diff_lo=mb["ci95"][0],
-        diff_hi=mb["ci95"][1],
-        gap=cm["difference"],
-        gap_lo=cm["ci95"][0],
-        gap_hi=cm["ci95"][1],
-        observed_rate=t["model"]["observed_rate"],
         threshold=ood["threshold"],
         percentile=ood["percentile"],
         val_rate=ood["val_rate"],
@@ -409,36 +188,13 @@ def write_model_card(metrics: dict) -> None:
         p90=pct["90"],
         p99=pct["99"],
         p999=pct["99.9"],
-        n_train=d["train"]["patients"],
-        n_val=d["val"]["patients"],
-        n_test=d["test"]["patients"],
-        pos_train=d["train"]["positives"],
-        pos_test=d["test"]["positives"],
-        prev_train=d["train"]["prevalence"],
-        seed_train=d["train"]["generator_seed"],
-        seed_val=d["val"]["generator_seed"],
-        seed_test=d["test"]["generator_seed"],
-        n_ref=metrics["reference"]["patients"],
-        ref_auroc=metrics["reference"]["auroc"],
         latent=hp["latent"],
         width=hp["width"],
         half=hp["width"] // 2,
         head=hp["head"],
-        epochs=hp["epochs"],
-        batch_size=hp["batch_size"],
-        lr=hp["lr"],
-        weight_decay=hp["weight_decay"],
         denoise=hp["denoise"],
         recon_weight=hp["recon_weight"],
-        n_params=metrics["n_parameters"],
-        state_sha=metrics["state_dict_sha256"],
-        weights_bytes=metrics["weights_bytes"],
-        torch_version=metrics["environment"]["torch"],
-        numpy_version=metrics["environment"]["numpy"],
-        batch_ms=metrics["cpu_seconds_per_64_patients_1_thread_informational"] * 1000,
-        wall_min=metrics["wall_clock_seconds_informational"] / 60,
     )
-    MODEL_CARD_PATH.write_text(text)
 
 
 MODEL_CARD_TEMPLATE = """\
@@ -447,9 +203,7 @@ MODEL_CARD_TEMPLATE = """\
 <!-- Generated by triton_models/cvd_autoencoder/train.py; edit the template there, not this
 file. -->
 
-> **A REFERENCE model that proves the nightly EHR scoring pipeline. It is trained and tested on
-> SYNTHETIC data only, has never seen a real patient record, and must NEVER be used for
-> clinical care, screening, triage or any other decision about a patient.**
+{disclaimer}
 
 ## Intended use
 
@@ -539,15 +293,7 @@ the risk, not drop the patient.
 Reconstruction MSE over the observed variables (weight {recon_weight}) + binary cross-entropy,
 trained jointly; AdamW (lr {lr}, weight decay {weight_decay}, one-cycle schedule), {epochs} epochs
 of minibatches of {batch_size} in a fixed shuffled order, gradient norm clipped at 1.
-Deterministic: fixed seeds, `torch.use_deterministic_algorithms(True)`, one torch thread; two
-runs give identical tensors. State-dict SHA-256 (`network.state_dict_sha256`): `{state_sha}`.
-`1/weights.pt`: {weights_bytes} bytes. Built with torch {torch_version}, numpy {numpy_version},
-in about {wall_min:.1f} minutes on 2 CPU cores.
-
-Rebuild (from the repository root; rewrites `1/weights.pt`, `metrics.json` and this file,
-identically apart from the informational timing fields):
-
-    python triton_models/cvd_autoencoder/train.py
+{reproducibility}
 
 ## Held-out synthetic test metrics ({n_test} patients, prevalence {observed_rate:.1%})
 
@@ -564,14 +310,7 @@ probability; the small gap between the model and the ceiling comes from the mech
 the true values at the last visit while the inputs carry the last *measured* values (often
 older, rounded by the extract, some lost to broken rows).
 
-**Calibration.** Trained with BCE on the natural synthetic prevalence, no recalibration step;
-the expected calibration error above is measured on the test patients. The probabilities are
-calibrated to this generator's prevalence only.
-
-## Limitations
-
-* **Synthetic only.** The physiology, the measurement schedule and the outcome mechanism are
-  simple invented models; nothing here says how the network would behave on real records.
+{calibration_and_synthetic_only}
 * Only the latest value of each variable is used; trends are ignored.
 * Contributions are occlusion effects on the logit, not causal effects.
 * The OOD threshold is a percentile of a synthetic population; on any real population the flag
@@ -585,56 +324,29 @@ calibrated to this generator's prevalence only.
 
 # --------------------------------------------------------------------------------------- main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--train", type=int, default=60_000, help="training patients")
-    parser.add_argument("--val", type=int, default=20_000, help="validation patients")
-    parser.add_argument("--test", type=int, default=20_000, help="test patients")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser = run.base_parser(__doc__, train=60_000, val=20_000, test=20_000, epochs=20)
     parser.add_argument("--latent", type=int, default=6)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--head", type=int, default=16)
     parser.add_argument("--denoise", type=float, default=0.15)
     parser.add_argument("--recon-weight", type=float, default=1.0)
     parser.add_argument("--ood-percentile", type=float, default=99.5)
-    parser.add_argument("--dry-run", action="store_true", help="train and report, write nothing")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-
-    sizes = {"train": args.train, "val": args.val, "test": args.test}
-    cohorts, inputs = {}, {}
-    with tempfile.TemporaryDirectory(prefix="ehr-train-") as tmp:
-        for split, n in sizes.items():
-            t = time.perf_counter()
-            cohorts[split] = load_cohort(n, SPLIT_SEEDS[split], Path(tmp))
-            inputs[split] = cohort_inputs(cohorts[split])
-            print(
-                f"{split}: {len(cohorts[split].patient_ids)} patients "
-                f"({int(cohorts[split].label.sum())} positive) in {time.perf_counter() - t:.0f} s",
-                flush=True,
-            )
+    run.seed_everything(SEED)
+    splits = ehr.load_splits(args, SPLIT_SEEDS, OUTCOME, cohort_inputs)
     t_data = time.perf_counter() - t0
 
-    norm = normalisation(inputs["train"])
+    norm = normalisation(splits.inputs["train"])
     hp = {"latent": args.latent, "width": args.width, "head": args.head}
     torch.manual_seed(SEED)
     model = network.CVDAutoencoder(**hp)
     with torch.no_grad():
         model.value_mean.copy_(torch.tensor(norm["value_mean"]))
         model.value_std.copy_(torch.tensor(norm["value_std"]))
-    tensors = {s: as_tensors(inputs[s]) for s in sizes}
-    labels = {s: torch.from_numpy(cohorts[s].label.astype(np.float32)) for s in sizes}
-    history = train_model(
-        model, tensors["train"], labels["train"], tensors["val"], labels["val"], args
-    )
+    tensors = {s: as_tensors(x) for s, x in splits.inputs.items()}
+    history = train_model(model, tensors, splits.labels(), args)
     t_train = time.perf_counter() - t0 - t_data
 
     # OOD threshold from the validation patients (float32, as served).
@@ -643,27 +355,15 @@ def main() -> None:
     with torch.no_grad():
         model.ood_threshold.fill_(threshold)
 
-    test = cohorts["test"]
     p_model, test_err = score(model, tensors["test"])
-    p_base = run_baseline(
-        baseline_features(inputs["train"]),
-        cohorts["train"].label,
-        baseline_features(inputs["test"]),
-    )
-    results = {
-        "model": binary_metrics(test.label, p_model),
-        "baseline_logistic_regression": binary_metrics(test.label, p_base),
-        "truth_probability_ceiling": binary_metrics(test.label, test.prob),
-        "model_minus_baseline_auroc": paired_auroc_difference(test.label, p_model, p_base),
-        "ceiling_minus_model_auroc": paired_auroc_difference(test.label, test.prob, p_model),
-    }
+    results = ehr.evaluate(splits, p_model, baseline_features, SEED)
     implausible = {}
     for name, profile in IMPLAUSIBLE_PROFILES.items():
         pred = network.predict(
             model,
             torch.tensor([profile], dtype=torch.float32),
             torch.ones(1, network.N_FEATURES),
-            torch.device("cpu"),
+            CPU,
         )
         implausible[name] = {
             "values": profile,
@@ -673,27 +373,19 @@ def main() -> None:
         }
 
     # The reference patients (the first of the test split), through the serving path.
-    k = min(REFERENCE_PATIENTS, len(test.patient_ids))
-    ref_inputs = {n: a[:k] for n, a in inputs["test"].items()}
-    ref_pred = network.predict(model, *as_tensors(ref_inputs), torch.device("cpu"))
-    ref_risk = ref_pred.risk.numpy().astype(np.float64)
-    from sklearn.metrics import roc_auc_score
-
+    ref = ehr.reference_patients(splits, lambda x: network.predict(model, *as_tensors(x), CPU))
     reference = {
-        "generator_seed": SPLIT_SEEDS["test"],
-        "patients": k,
-        "auroc": round(float(roc_auc_score(test.label[:k], ref_risk)), 6),
-        "risk_sum": round(float(ref_risk.sum()), 4),
-        "recon_error_sum": round(float(ref_pred.recon_error.double().sum()), 4),
-        "ood_count": int(ref_pred.ood.sum()),
+        **ref.summary(),
+        "recon_error_sum": round(float(ref.pred.recon_error.double().sum()), 4),
+        "ood_count": int(ref.pred.ood.sum()),
         "first": [
             {
-                "patient_id": test.patient_ids[i],
-                "label": int(test.label[i]),
-                "risk": round(float(ref_risk[i]), 6),
-                "recon_error": round(float(ref_pred.recon_error[i]), 6),
-                "ood": bool(ref_pred.ood[i]),
-                "contribution": [round(float(c), 5) for c in ref_pred.contribution[i]],
+                "patient_id": ref.cohort.patient_ids[i],
+                "label": int(ref.cohort.label[i]),
+                "risk": round(float(ref.risk[i]), 6),
+                "recon_error": round(float(ref.pred.recon_error[i]), 6),
+                "ood": bool(ref.pred.ood[i]),
+                "contribution": [round(float(c), 5) for c in ref.pred.contribution[i]],
             }
             for i in range(6)
         ],
@@ -708,20 +400,10 @@ def main() -> None:
         },
         "implausible_profiles": implausible,
     }
-    contributions = contribution_summary(ref_pred)
-    batch_s = time_batch(model, tensors["test"])
-
-    state_dict = model.state_dict()
-    state_sha = network.state_dict_sha256(state_dict)
-    n_params = sum(p.numel() for p in model.parameters())
-    import sklearn
-
+    batch_s = run.time_batch(network.predict, model, tensors["test"])
     hyper = {
         **hp,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
+        **run.optimiser_hyperparameters(args),
         "denoise": args.denoise,
         "recon_weight": args.recon_weight,
         "ood_percentile": args.ood_percentile,
@@ -735,50 +417,16 @@ def main() -> None:
         "patients",
         "ood": ood,
         "reference": reference,
-        "contributions_on_reference_patients": contributions,
-        "normalisation": norm,
-        "history": history,
-        "hyperparameters": hyper,
-        "n_parameters": n_params,
-        "state_dict_sha256": state_sha,
-        "data": {s: summary(cohorts[s], SPLIT_SEEDS[s], inputs[s]) for s in sizes},
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "sklearn": sklearn.__version__,
-            "numpy": np.__version__,
-        },
-        "cpu_seconds_per_64_patients_1_thread_informational": round(batch_s, 5),
-        "data_seconds_informational": round(t_data, 1),
-        "train_seconds_informational": round(t_train, 1),
+        "contributions_on_reference_patients": ref.contributions(network.VARIABLES),
+        **run.model_record(model, network, norm, history, hyper),
+        "data": splits.summaries(summary),
+        "environment": run.environment(),
+        **run.timings(batch_s, 5, t_data, t_train),
     }
-    print(json.dumps({"test": results, "ood": ood}, indent=1))
-    print(f"state dict sha256 {state_sha}; {n_params} parameters")
-    if args.dry_run:
-        return
-
-    payload = {
-        "state_dict": state_dict,
-        "network_kwargs": hp,
-        "variables": list(network.VARIABLES),
-        "normalisation": norm,
-        "ood_threshold": threshold,
-        "hyperparameters": hyper,
-        "state_dict_sha256": state_sha,
-        "metrics": {"test": results},
-        "synthetic_data_only": True,
-    }
-    torch.save(payload, WEIGHTS_PATH)
-    metrics["weights_bytes"] = WEIGHTS_PATH.stat().st_size
-    metrics["weights_file_sha256"] = hashlib.sha256(WEIGHTS_PATH.read_bytes()).hexdigest()
-    metrics["wall_clock_seconds_informational"] = round(time.perf_counter() - t0, 1)
-    METRICS_PATH.write_text(json.dumps(metrics, indent=2) + "\n")
-    write_model_card(metrics)
-    print(
-        f"wrote {WEIGHTS_PATH} ({metrics['weights_bytes']} bytes), {METRICS_PATH}, "
-        f"{MODEL_CARD_PATH}"
-    )
-    print(f"total {metrics['wall_clock_seconds_informational']} s")
+    extra = {"normalisation": norm, "ood_threshold": threshold}
+    payload = run.weights_payload(model, hp, network.VARIABLES, extra, metrics)
+    shown = {"test": results, "ood": ood}
+    run.finish(metrics, payload, shown, args.dry_run, FILES, model_card, t0)
 
 
 if __name__ == "__main__":

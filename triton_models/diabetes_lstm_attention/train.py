@@ -17,24 +17,14 @@ occlusion contributions ask the network about states it has seen. Validation pat
 used to report progress. Baseline: scikit-learn logistic regression on the mean and the last
 observed value of each variable. Ceiling: the AUROC of the true generating probability.
 
-Writes ``1/weights.pt``, ``metrics.json`` and ``MODEL_CARD.md`` next to this file. Two runs give
-bit-identical weights (fixed seeds, deterministic algorithms, one torch thread, fixed data
-order); ``metrics.json`` records the SHA-256 of the state dict tensors.
+Writes ``1/weights.pt``, ``metrics.json`` and ``MODEL_CARD.md`` next to this file, bit-identical on
+every rerun (``medbatch.training.run``, shared with the other EHR model).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
-import importlib.util
-import json
-import platform
-import random
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,110 +35,45 @@ REPO_ROOT = HERE.parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from ingest.ehr.reader import read_long  # noqa: E402
 from ingest.ehr.schema import MODELS  # noqa: E402
-from medbatch.synth.ehr import write_long_csv  # noqa: E402
-from workers.ehr.features import (  # noqa: E402
-    PatientMeasurements,
-    stack_sequences,
-    visit_sequence,
-)
+from medbatch.training import ehr, run  # noqa: E402
+from workers.ehr.features import stack_sequences, visit_sequence  # noqa: E402
 
 NAME = "diabetes_lstm_attention"
-SCHEMA = MODELS[NAME]
-VERSION_DIR = HERE / "1"
-WEIGHTS_PATH = VERSION_DIR / "weights.pt"
-METRICS_PATH = HERE / "metrics.json"
-MODEL_CARD_PATH = HERE / "MODEL_CARD.md"
+#: The truth sidecar's columns ``<OUTCOME>_label`` and ``<OUTCOME>_prob``.
+OUTCOME = "diabetes_complication"
+FILES = run.ModelFiles(HERE)
 SEED = 20240917
 #: Generator seed of each split (the synthetic patients of different seeds are independent).
 SPLIT_SEEDS = {"train": 5_100, "val": 5_200, "test": 5_300}
-#: The first test patients, re-scored by the tests against the figures recorded here.
-REFERENCE_PATIENTS = 2000
+CPU = torch.device("cpu")
+BASELINE = "logistic regression on mean + last value per variable"
 
-
-def load_network_module():
-    """``1/network.py`` loaded by path, exactly as the Triton model does."""
-    spec = importlib.util.spec_from_file_location(f"{NAME}_network", VERSION_DIR / "network.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-network = load_network_module()
+network = run.load_network_module(NAME, FILES.version_dir)
 
 
 # ----------------------------------------------------------------------------------------- data
-@dataclass
-class Cohort:
-    """The patients of one synthetic extract as the ingest sees them, with their truth."""
-
-    patient_ids: list[str]
-    measurements: list[PatientMeasurements]
-    label: np.ndarray  # [N] int64, diabetes complication
-    prob: np.ndarray  # [N] float64, the true generating probability
-    rows: int  # data lines written
-    accepted: int  # measurements the reader accepted
-
-
-def load_cohort(n: int, seed: int, workdir: Path) -> Cohort:
-    """Write a long extract of ``n`` patients, read it back with the ingest's reader and group
-    the accepted rows per patient (patients in generation order; one with no accepted row, if
-    any, is dropped: the worker could not score it either)."""
-    path = workdir / f"extract-{seed}-{n}.csv"
-    stats = write_long_csv(path, n, seed)
-    with stats.truth_path.open(newline="") as f:
-        truth = list(csv.DictReader(f))
-    blocks = list(read_long(path))
-    pid = np.concatenate([b.patient_id.to_numpy(zero_copy_only=False) for b in blocks])
-    stamp = np.concatenate([b.timestamp for b in blocks])
-    var = np.concatenate([b.variable for b in blocks])
-    val = np.concatenate([b.value for b in blocks])
-    ids, inverse = np.unique(pid.astype(str), return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(ids)))])
-    where = {str(p): k for k, p in enumerate(ids)}
-    kept, measurements, label, prob = [], [], [], []
-    for row in truth:
-        k = where.get(row["patient_id"])
-        if k is None:
-            continue
-        sel = order[bounds[k] : bounds[k + 1]]
-        kept.append(row["patient_id"])
-        measurements.append(PatientMeasurements(stamp[sel], var[sel], val[sel]))
-        label.append(int(row["diabetes_complication_label"]))
-        prob.append(float(row["diabetes_complication_prob"]))
-    return Cohort(
-        kept,
-        measurements,
-        np.array(label, dtype=np.int64),
-        np.array(prob),
-        stats.rows,
-        len(val),
-    )
-
-
-def cohort_inputs(cohort: Cohort) -> dict[str, np.ndarray]:
+def cohort_inputs(cohort: ehr.Cohort) -> dict[str, np.ndarray]:
     """The model inputs of every patient, as the worker builds them."""
-    return stack_sequences([visit_sequence(m, SCHEMA) for m in cohort.measurements])
+    return stack_sequences([visit_sequence(m, MODELS[NAME]) for m in cohort.measurements])
 
 
 def as_tensors(inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(inputs[n]) for n in ("VALUES", "OBSERVED", "DT_YEARS", "LENGTH"))
 
 
+def real_visits(inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """[N, MAX_VISITS] true on the real (not padding) visits."""
+    length = inputs["LENGTH"][:, 0]
+    return np.arange(network.MAX_VISITS)[None, :] < length[:, None]
+
+
 def normalisation(inputs: dict[str, np.ndarray]) -> dict[str, list[float] | float]:
     """Mean and standard deviation of each variable over its observed real values, and of
     log1p(dt_years) over the real visits (training patients only)."""
-    length = inputs["LENGTH"][:, 0]
-    real = np.arange(network.MAX_VISITS)[None, :] < length[:, None]
+    real = real_visits(inputs)
     obs = (inputs["OBSERVED"] > 0.5) & real[..., None]
-    mean, std = [], []
-    for j in range(network.N_FEATURES):
-        x = inputs["VALUES"][..., j][obs[..., j]].astype(np.float64)
-        mean.append(float(x.mean()))
-        std.append(float(max(x.std(), 1e-3)))
+    mean, std = ehr.observed_mean_std(inputs["VALUES"], obs)
     dt = np.log1p(inputs["DT_YEARS"][real].astype(np.float64))
     return {
         "value_mean": mean,
@@ -158,15 +83,10 @@ def normalisation(inputs: dict[str, np.ndarray]) -> dict[str, list[float] | floa
     }
 
 
-def summary(cohort: Cohort, seed: int, inputs: dict[str, np.ndarray]) -> dict:
+def summary(cohort: ehr.Cohort, seed: int, inputs: dict[str, np.ndarray]) -> dict:
     lengths = inputs["LENGTH"][:, 0]
     return {
-        "generator_seed": seed,
-        "patients": len(cohort.patient_ids),
-        "positives": int(cohort.label.sum()),
-        "prevalence": round(float(cohort.label.mean()), 4),
-        "csv_rows": cohort.rows,
-        "accepted_measurements": cohort.accepted,
+        **ehr.cohort_summary(cohort, seed),
         "visits_min_median_max": [
             int(lengths.min()),
             int(np.median(lengths)),
@@ -176,66 +96,32 @@ def summary(cohort: Cohort, seed: int, inputs: dict[str, np.ndarray]) -> dict:
 
 
 # ------------------------------------------------------------------------------------- training
-def train_model(model, train: tuple[torch.Tensor, ...], y: torch.Tensor, val, y_val, args):
+def train_model(model, tensors: dict[str, tuple[torch.Tensor, ...]], labels: dict, args):
     """BCE training with random whole-variable masking; returns the loss and validation AUROC
     of each epoch."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from sklearn.metrics import roc_auc_score
 
-    values, observed, dt, length = train
-    n = values.shape[0]
-    steps_per_epoch = (n + args.batch_size - 1) // args.batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
-    )
+    values, observed, dt, length = tensors["train"]
+    y, val, y_val = labels["train"], tensors["val"], labels["val"]
     bce = torch.nn.functional.binary_cross_entropy_with_logits
-    gen = torch.Generator().manual_seed(SEED)
-    history = []
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns) as progress:
-        task = progress.add_task("training", total=args.epochs * steps_per_epoch, info="")
-        for epoch in range(args.epochs):
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            running = 0.0
-            for s in range(steps_per_epoch):
-                idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
-                drop = torch.rand(len(idx), 1, network.N_FEATURES, generator=gen)
-                keep = (drop >= args.variable_dropout).float()
-                logits, _ = model(values[idx] * keep, observed[idx] * keep, dt[idx], length[idx])
-                loss = bce(logits, y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                running += float(loss.detach())
-                progress.advance(task)
-            model.eval()
-            val_p = score(model, val)
-            from sklearn.metrics import roc_auc_score
 
-            auc = float(roc_auc_score(y_val.numpy(), val_p))
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_bce": round(running / steps_per_epoch, 5),
-                    "val_auroc": round(auc, 5),
-                }
-            )
-            progress.update(
-                task,
-                info=f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}, "
-                f"val AUROC {auc:.4f}",
-            )
-    model.eval()
-    return history
+    def step(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        drop = torch.rand(len(idx), 1, network.N_FEATURES, generator=gen)
+        keep = (drop >= args.variable_dropout).float()
+        logits, _ = model(values[idx] * keep, observed[idx] * keep, dt[idx], length[idx])
+        loss = bce(logits, y[idx])
+        return loss, {"bce": float(loss.detach())}
+
+    def end_epoch(epoch: int, mean: dict[str, float]) -> tuple[dict, str]:
+        auc = float(roc_auc_score(y_val.numpy(), score(model, val)))
+        entry = {
+            "epoch": epoch + 1,
+            "train_bce": round(mean["bce"], 5),
+            "val_auroc": round(auc, 5),
+        }
+        return entry, f"epoch {epoch + 1}: loss {mean['bce']:.4f}, val AUROC {auc:.4f}"
+
+    return run.train_epochs(model, values.shape[0], args, SEED, step, end_epoch)
 
 
 def score(model, inputs: tuple[torch.Tensor, ...], batch: int = 4096) -> np.ndarray:
@@ -248,31 +134,11 @@ def score(model, inputs: tuple[torch.Tensor, ...], batch: int = 4096) -> np.ndar
     return torch.cat(out).numpy().astype(np.float64)
 
 
-# ------------------------------------------------------------------------------------ metrics
-def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict:
-    """AUROC, Brier score, expected calibration error (10 equal-count bins), mean predicted
-    risk against the observed rate."""
-    from sklearn.metrics import brier_score_loss, roc_auc_score
-
-    order = np.argsort(p, kind="stable")
-    ece = 0.0
-    for part in np.array_split(order, 10):
-        ece += len(part) / len(p) * abs(float(p[part].mean()) - float(y[part].mean()))
-    return {
-        "auroc": round(float(roc_auc_score(y, p)), 6),
-        "brier": round(float(brier_score_loss(y, p)), 6),
-        "ece_10_bins": round(ece, 6),
-        "mean_predicted": round(float(p.mean()), 6),
-        "observed_rate": round(float(y.mean()), 6),
-    }
-
-
+# ------------------------------------------------------------------------------------ baseline
 def baseline_features(inputs: dict[str, np.ndarray]) -> np.ndarray:
     """Per variable the mean and the last value over the observed real visits (NaN if never
     observed): [N, 20]."""
-    length = inputs["LENGTH"][:, 0]
-    real = np.arange(network.MAX_VISITS)[None, :] < length[:, None]
-    obs = (inputs["OBSERVED"] > 0.5) & real[..., None]
+    obs = (inputs["OBSERVED"] > 0.5) & real_visits(inputs)[..., None]
     vals = inputs["VALUES"].astype(np.float64)
     count = obs.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -283,136 +149,17 @@ def baseline_features(inputs: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([mean, last], axis=1)
 
 
-def run_baseline(train_x: np.ndarray, y: np.ndarray, test_x: np.ndarray):
-    """Logistic regression (missing → training mean, standardised); test probabilities."""
-    from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(
-        SimpleImputer(strategy="mean"), StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)
-    )
-    clf.fit(train_x, y)
-    return clf.predict_proba(test_x)[:, 1]
-
-
-def time_batch(model, inputs: tuple[torch.Tensor, ...], repeats: int = 5) -> float:
-    """Median seconds of ``network.predict`` (with the occlusion copies) on 64 patients."""
-    batch = tuple(t[:64] for t in inputs)
-    network.predict(model, *batch, torch.device("cpu"))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        network.predict(model, *batch, torch.device("cpu"))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def paired_auroc_difference(
-    y: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = 500
-) -> dict:
-    """AUROC(a) − AUROC(b) on the same patients with a 95 % paired bootstrap interval."""
-    from sklearn.metrics import roc_auc_score
-
-    rng = np.random.default_rng(SEED)
-    diffs = []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(y), len(y))
-        diffs.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    point = roc_auc_score(y, a) - roc_auc_score(y, b)
-    return {
-        "difference": round(float(point), 6),
-        "ci95": [round(float(lo), 6), round(float(hi), 6)],
-    }
-
-
-def contribution_summary(pred, inputs: dict[str, np.ndarray]) -> dict:
-    """Per variable: mean contribution, and how often it is the largest one (all reference
-    patients, and those with a risk above 0.5)."""
-    contribution = pred.contribution.numpy()
-    top = contribution.argmax(axis=1)
-    high = pred.risk.numpy() > 0.5
-    out = {}
-    for j, name in enumerate(network.VARIABLES):
-        out[name] = {
-            "mean": round(float(contribution[:, j].mean()), 5),
-            "top_share": round(float((top == j).mean()), 4),
-            "top_share_risk_above_0.5": round(float((top[high] == j).mean()), 4)
-            if high.any()
-            else None,
-        }
-    return out
-
-
 # ---------------------------------------------------------------------------------- model card
-def write_model_card(metrics: dict) -> None:
-    t, d, hp = metrics["test"], metrics["data"], metrics["hyperparameters"]
-    rows = []
-    for label, key in (
-        ("`diabetes_lstm_attention`, this model", "model"),
-        (
-            "baseline: logistic regression on mean + last value per variable",
-            "baseline_logistic_regression",
-        ),
-        ("ceiling: the true generating probability", "truth_probability_ceiling"),
-    ):
-        m = t[key]
-        rows.append(
-            f"| {label} | {m['auroc']:.4f} | {m['brier']:.4f} | {m['ece_10_bins']:.4f} "
-            f"| {m['mean_predicted']:.4f} |"
-        )
-    contrib = [
-        f"| {name} | {c['mean']:+.3f} | {c['top_share']:.1%} | "
-        + (
-            f"{c['top_share_risk_above_0.5']:.1%}"
-            if c["top_share_risk_above_0.5"] is not None
-            else "–"
-        )
-        + " |"
-        for name, c in metrics["contributions_on_reference_patients"].items()
-    ]
-    mb, cm = t["model_minus_baseline_auroc"], t["ceiling_minus_model_auroc"]
-    text = MODEL_CARD_TEMPLATE.format(
-        results_table="\n".join(rows),
-        contribution_table="\n".join(contrib),
-        diff=mb["difference"],
-        diff_lo=mb["ci95"][0],
-        diff_hi=mb["ci95"][1],
-        gap=cm["difference"],
-        gap_lo=cm["ci95"][0],
-        gap_hi=cm["ci95"][1],
-        observed_rate=t["model"]["observed_rate"],
-        n_train=d["train"]["patients"],
-        n_val=d["val"]["patients"],
-        n_test=d["test"]["patients"],
-        pos_train=d["train"]["positives"],
-        pos_test=d["test"]["positives"],
-        prev_train=d["train"]["prevalence"],
-        seed_train=d["train"]["generator_seed"],
-        seed_val=d["val"]["generator_seed"],
-        seed_test=d["test"]["generator_seed"],
-        visits_train=d["train"]["visits_min_median_max"],
-        n_ref=metrics["reference"]["patients"],
-        ref_auroc=metrics["reference"]["auroc"],
+def model_card(metrics: dict) -> str:
+    hp = metrics["hyperparameters"]
+    return MODEL_CARD_TEMPLATE.format(
+        **ehr.card_fields(metrics, NAME, BASELINE),
+        visits_train=metrics["data"]["train"]["visits_min_median_max"],
         hidden=hp["hidden"],
         attention=hp["attention"],
         head=hp["head"],
-        epochs=hp["epochs"],
-        batch_size=hp["batch_size"],
-        lr=hp["lr"],
-        weight_decay=hp["weight_decay"],
         variable_dropout=hp["variable_dropout"],
-        n_params=metrics["n_parameters"],
-        state_sha=metrics["state_dict_sha256"],
-        weights_bytes=metrics["weights_bytes"],
-        torch_version=metrics["environment"]["torch"],
-        numpy_version=metrics["environment"]["numpy"],
-        batch_ms=metrics["cpu_seconds_per_64_patients_1_thread_informational"] * 1000,
-        wall_min=metrics["wall_clock_seconds_informational"] / 60,
     )
-    MODEL_CARD_PATH.write_text(text)
 
 
 MODEL_CARD_TEMPLATE = """\
@@ -421,9 +168,7 @@ MODEL_CARD_TEMPLATE = """\
 <!-- Generated by triton_models/diabetes_lstm_attention/train.py; edit the template there, not
 this file. -->
 
-> **A REFERENCE model that proves the nightly EHR scoring pipeline. It is trained and tested on
-> SYNTHETIC data only, has never seen a real patient record, and must NEVER be used for
-> clinical care, screening, triage or any other decision about a patient.**
+{disclaimer}
 
 ## Intended use
 
@@ -501,15 +246,7 @@ first {n_ref} test patients:
 
 BCE, AdamW (lr {lr}, weight decay {weight_decay}, one-cycle schedule), {epochs} epochs of
 minibatches of {batch_size} in a fixed shuffled order, gradient norm clipped at 1.
-Deterministic: fixed seeds, `torch.use_deterministic_algorithms(True)`, one torch thread; two
-runs give identical tensors. State-dict SHA-256 (`network.state_dict_sha256`): `{state_sha}`.
-`1/weights.pt`: {weights_bytes} bytes. Built with torch {torch_version}, numpy {numpy_version},
-in about {wall_min:.1f} minutes on 2 CPU cores.
-
-Rebuild (from the repository root; rewrites `1/weights.pt`, `metrics.json` and this file,
-identically apart from the informational timing fields):
-
-    python triton_models/diabetes_lstm_attention/train.py
+{reproducibility}
 
 ## Held-out synthetic test metrics ({n_test} patients, prevalence {observed_rate:.1%})
 
@@ -523,14 +260,7 @@ coin flip of the true probability, so no scorer can pass the ceiling; the baseli
 and last value of each variable, the network also sees the trajectory (maximum, slope, spacing
 of the visits), which is what the mechanism uses beyond the means.
 
-**Calibration.** Trained with BCE on the natural synthetic prevalence, no recalibration step;
-the expected calibration error above is measured on the test patients. The probabilities are
-calibrated to this generator's prevalence only.
-
-## Limitations
-
-* **Synthetic only.** The physiology, the measurement schedule and the outcome mechanism are
-  simple invented models; nothing here says how the network would behave on real records.
+{calibration_and_synthetic_only}
 * Only the 20 most recent visits are used (the features' rule); the diabetes duration, which
   drives the synthetic outcome, is never observed, hence the gap to the ceiling.
 * Contributions are occlusion effects on the logit, not causal effects; correlated variables
@@ -545,43 +275,19 @@ calibrated to this generator's prevalence only.
 
 # --------------------------------------------------------------------------------------- main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--train", type=int, default=100_000, help="training patients")
-    parser.add_argument("--val", type=int, default=10_000, help="validation patients")
-    parser.add_argument("--test", type=int, default=20_000, help="test patients")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser = run.base_parser(__doc__, train=100_000, val=10_000, test=20_000, epochs=12)
     parser.add_argument("--hidden", type=int, default=48)
     parser.add_argument("--attention", type=int, default=32)
     parser.add_argument("--head", type=int, default=32)
     parser.add_argument("--variable-dropout", type=float, default=0.1)
-    parser.add_argument("--dry-run", action="store_true", help="train and report, write nothing")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-
-    sizes = {"train": args.train, "val": args.val, "test": args.test}
-    cohorts, inputs = {}, {}
-    with tempfile.TemporaryDirectory(prefix="ehr-train-") as tmp:
-        for split, n in sizes.items():
-            t = time.perf_counter()
-            cohorts[split] = load_cohort(n, SPLIT_SEEDS[split], Path(tmp))
-            inputs[split] = cohort_inputs(cohorts[split])
-            print(
-                f"{split}: {len(cohorts[split].patient_ids)} patients "
-                f"({int(cohorts[split].label.sum())} positive) in {time.perf_counter() - t:.0f} s",
-                flush=True,
-            )
+    run.seed_everything(SEED)
+    splits = ehr.load_splits(args, SPLIT_SEEDS, OUTCOME, cohort_inputs)
     t_data = time.perf_counter() - t0
 
-    norm = normalisation(inputs["train"])
+    norm = normalisation(splits.inputs["train"])
     hp = {"hidden": args.hidden, "attention": args.attention, "head": args.head}
     torch.manual_seed(SEED)
     model = network.DiabetesLSTMAttention(**hp)
@@ -590,66 +296,32 @@ def main() -> None:
         model.value_std.copy_(torch.tensor(norm["value_std"]))
         model.dt_mean.fill_(norm["dt_mean"])
         model.dt_std.fill_(norm["dt_std"])
-    tensors = {s: as_tensors(inputs[s]) for s in sizes}
-    labels = {s: torch.from_numpy(cohorts[s].label.astype(np.float32)) for s in sizes}
-    history = train_model(
-        model, tensors["train"], labels["train"], tensors["val"], labels["val"], args
-    )
+    tensors = {s: as_tensors(x) for s, x in splits.inputs.items()}
+    history = train_model(model, tensors, splits.labels(), args)
     t_train = time.perf_counter() - t0 - t_data
 
-    test = cohorts["test"]
-    p_model = score(model, tensors["test"])
-    p_base = run_baseline(
-        baseline_features(inputs["train"]),
-        cohorts["train"].label,
-        baseline_features(inputs["test"]),
-    )
-    results = {
-        "model": binary_metrics(test.label, p_model),
-        "baseline_logistic_regression": binary_metrics(test.label, p_base),
-        "truth_probability_ceiling": binary_metrics(test.label, test.prob),
-        "model_minus_baseline_auroc": paired_auroc_difference(test.label, p_model, p_base),
-        "ceiling_minus_model_auroc": paired_auroc_difference(test.label, test.prob, p_model),
-    }
+    results = ehr.evaluate(splits, score(model, tensors["test"]), baseline_features, SEED)
 
     # The reference patients (the first of the test split), through the serving path.
-    k = min(REFERENCE_PATIENTS, len(test.patient_ids))
-    ref_inputs = {n: a[:k] for n, a in inputs["test"].items()}
-    ref_pred = network.predict(model, *as_tensors(ref_inputs), torch.device("cpu"))
-    ref_risk = ref_pred.risk.numpy().astype(np.float64)
-    from sklearn.metrics import roc_auc_score
-
+    ref = ehr.reference_patients(splits, lambda x: network.predict(model, *as_tensors(x), CPU))
     reference = {
-        "generator_seed": SPLIT_SEEDS["test"],
-        "patients": k,
-        "auroc": round(float(roc_auc_score(test.label[:k], ref_risk)), 6),
-        "risk_sum": round(float(ref_risk.sum()), 4),
+        **ref.summary(),
         "first": [
             {
-                "patient_id": test.patient_ids[i],
-                "length": int(ref_inputs["LENGTH"][i, 0]),
-                "label": int(test.label[i]),
-                "risk": round(float(ref_risk[i]), 6),
-                "attention": [round(float(a), 5) for a in ref_pred.attention[i]],
-                "contribution": [round(float(c), 5) for c in ref_pred.contribution[i]],
+                "patient_id": ref.cohort.patient_ids[i],
+                "length": int(ref.inputs["LENGTH"][i, 0]),
+                "label": int(ref.cohort.label[i]),
+                "risk": round(float(ref.risk[i]), 6),
+                "attention": [round(float(a), 5) for a in ref.pred.attention[i]],
+                "contribution": [round(float(c), 5) for c in ref.pred.contribution[i]],
             }
             for i in range(6)
         ],
     }
-    contributions = contribution_summary(ref_pred, ref_inputs)
-    batch_s = time_batch(model, tensors["test"])
-
-    state_dict = model.state_dict()
-    state_sha = network.state_dict_sha256(state_dict)
-    n_params = sum(p.numel() for p in model.parameters())
-    import sklearn
-
+    batch_s = run.time_batch(network.predict, model, tensors["test"])
     hyper = {
         **hp,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
+        **run.optimiser_hyperparameters(args),
         "variable_dropout": args.variable_dropout,
         "seed": SEED,
     }
@@ -660,50 +332,15 @@ def main() -> None:
         "values imputed with the training mean) on the mean and the last observed value of "
         "each variable over the visits, fitted on the training patients",
         "reference": reference,
-        "contributions_on_reference_patients": contributions,
-        "normalisation": norm,
-        "history": history,
-        "hyperparameters": hyper,
-        "n_parameters": n_params,
-        "state_dict_sha256": state_sha,
-        "data": {s: summary(cohorts[s], SPLIT_SEEDS[s], inputs[s]) for s in sizes},
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "sklearn": sklearn.__version__,
-            "numpy": np.__version__,
-        },
-        "cpu_seconds_per_64_patients_1_thread_informational": round(batch_s, 4),
-        "data_seconds_informational": round(t_data, 1),
-        "train_seconds_informational": round(t_train, 1),
+        "contributions_on_reference_patients": ref.contributions(network.VARIABLES),
+        **run.model_record(model, network, norm, history, hyper),
+        "data": splits.summaries(summary),
+        "environment": run.environment(),
+        **run.timings(batch_s, 4, t_data, t_train),
     }
-    print(json.dumps(results, indent=1))
-    print(f"state dict sha256 {state_sha}; {n_params} parameters")
-    if args.dry_run:
-        return
-
-    payload = {
-        "state_dict": state_dict,
-        "network_kwargs": hp,
-        "variables": list(network.VARIABLES),
-        "max_visits": network.MAX_VISITS,
-        "normalisation": norm,
-        "hyperparameters": hyper,
-        "state_dict_sha256": state_sha,
-        "metrics": {"test": results},
-        "synthetic_data_only": True,
-    }
-    torch.save(payload, WEIGHTS_PATH)
-    metrics["weights_bytes"] = WEIGHTS_PATH.stat().st_size
-    metrics["weights_file_sha256"] = hashlib.sha256(WEIGHTS_PATH.read_bytes()).hexdigest()
-    metrics["wall_clock_seconds_informational"] = round(time.perf_counter() - t0, 1)
-    METRICS_PATH.write_text(json.dumps(metrics, indent=2) + "\n")
-    write_model_card(metrics)
-    print(
-        f"wrote {WEIGHTS_PATH} ({metrics['weights_bytes']} bytes), {METRICS_PATH}, "
-        f"{MODEL_CARD_PATH}"
-    )
-    print(f"total {metrics['wall_clock_seconds_informational']} s")
+    extra = {"max_visits": network.MAX_VISITS, "normalisation": norm}
+    payload = run.weights_payload(model, hp, network.VARIABLES, extra, metrics)
+    run.finish(metrics, payload, results, args.dry_run, FILES, model_card, t0)
 
 
 if __name__ == "__main__":
