@@ -21,9 +21,9 @@ from ingest.ehr.schema import ModelSchema, model_schema
 from workers.ehr.features import (
     PatientMeasurements,
     VisitSequence,
-    latest_profile,
+    latest_profiles,
     stack_sequences,
-    visit_sequence,
+    visit_sequences,
 )
 
 DIABETES = "diabetes_lstm_attention"
@@ -91,8 +91,8 @@ def _no_input(model: str) -> str:
 def diabetes_inputs(group: list[Patient]) -> ModelBatch:
     schema = model_schema(DIABETES)
     kept, seqs, skipped = [], [], []
-    for p in group:
-        seq = visit_sequence(p.measurements, schema)
+    all_seqs = visit_sequences([p.measurements for p in group], schema) if group else []
+    for p, seq in zip(group, all_seqs, strict=True):
         if seq.observed.any():
             kept.append(p)
             seqs.append(seq)
@@ -105,8 +105,10 @@ def diabetes_inputs(group: list[Patient]) -> ModelBatch:
 def cvd_inputs(group: list[Patient]) -> ModelBatch:
     schema = model_schema(CVD)
     kept, values, observed, skipped = [], [], [], []
-    for p in group:
-        v, o = latest_profile(p.measurements, schema)
+    if not group:
+        return ModelBatch(CVD, [], {}, None, [])
+    all_values, all_observed = latest_profiles([p.measurements for p in group], schema)
+    for p, v, o in zip(group, all_values, all_observed, strict=True):
         if o.any():
             kept.append(p)
             values.append(v)

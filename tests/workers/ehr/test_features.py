@@ -105,3 +105,77 @@ def test_generated_patients_have_their_visits(tmp_path: Path) -> None:
     batch = stack_sequences(seqs)
     assert batch["VALUES"].shape == (60, 20, len(DIABETES.variables))
     assert batch["LENGTH"].dtype == np.int32 and batch["VALUES"].dtype == np.float32
+
+
+# --- the whole-group versions agree exactly with the per-patient reference --------------------
+def _group_from_extract(tmp_path, writer, n, seed):  # type: ignore[no-untyped-def]
+    from ingest.ehr.reader import read_extract
+
+    path = tmp_path / f"group-{seed}.csv"
+    writer(path, n, seed)
+    rows: dict[str, list[tuple[object, int, float]]] = {}
+    for block in read_extract(path):
+        for pid, t, v, x in zip(
+            block.patient_id.to_pylist(), block.timestamp, block.variable, block.value, strict=True
+        ):
+            rows.setdefault(pid, []).append((t, v, x))
+    out = []
+    for items in rows.values():
+        out.append(
+            PatientMeasurements(
+                np.array([t for t, _, _ in items], dtype="datetime64[us]"),
+                np.array([v for _, v, _ in items], dtype=np.int8),
+                np.array([x for _, _, x in items]),
+            )
+        )
+    return out
+
+
+def _shuffled_with_ties(p: PatientMeasurements, rng: np.random.Generator) -> PatientMeasurements:
+    """Rows in a random order, plus a same-time duplicate of some rows with another value."""
+    order = rng.permutation(len(p.value))
+    dup = order[: max(1, len(order) // 7)]
+    return PatientMeasurements(
+        np.concatenate([p.timestamp[order], p.timestamp[dup]]),
+        np.concatenate([p.variable[order], p.variable[dup]]),
+        np.concatenate([p.value[order], p.value[dup] * 1.01]),
+    )
+
+
+@pytest.mark.parametrize("fmt", ["long", "wide"])
+def test_group_features_equal_the_per_patient_reference(tmp_path, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    from medbatch.synth.ehr import write_long_csv, write_wide_csv
+    from workers.ehr.features import latest_profiles, visit_sequences
+
+    writer = write_long_csv if fmt == "long" else write_wide_csv
+    group = _group_from_extract(tmp_path, writer, 400, seed=17)
+    rng = np.random.default_rng(3)
+    group += [_shuffled_with_ties(p, rng) for p in group[:100]]
+    # long follow-up: two patients' histories end to end (more visits than the model's window)
+    ten_years = np.timedelta64(3653, "D")
+    group += [
+        PatientMeasurements(
+            np.concatenate([a.timestamp, b.timestamp + ten_years]),
+            np.concatenate([a.variable, b.variable]),
+            np.concatenate([a.value, b.value]),
+        )
+        for a, b in zip(group[:40], group[40:80], strict=True)
+    ]
+    assert max(len(np.unique(p.timestamp.astype("datetime64[D]"))) for p in group) > 20
+    for name in ("diabetes_lstm_attention",):
+        schema = model_schema(name)
+        fast = visit_sequences(group, schema)
+        for p, f in zip(group, fast, strict=True):
+            ref = visit_sequence(p, schema)
+            assert f.length == ref.length
+            np.testing.assert_array_equal(f.values, ref.values)
+            np.testing.assert_array_equal(f.observed, ref.observed)
+            np.testing.assert_array_equal(f.dt_years, ref.dt_years)
+            np.testing.assert_array_equal(f.visit_days, ref.visit_days)
+    for name in ("cvd_autoencoder", "diabetes_lstm_attention"):
+        schema = model_schema(name)
+        values, observed = latest_profiles(group, schema)
+        for i, p in enumerate(group):
+            ref_v, ref_o = latest_profile(p, schema)
+            np.testing.assert_array_equal(values[i], ref_v)
+            np.testing.assert_array_equal(observed[i], ref_o)
