@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingest.ehr.schema import ModelSchema, model_schema
+from ingest.ehr.schema import model_schema
 from workers.ehr.features import (
     PatientMeasurements,
     VisitSequence,
@@ -140,34 +140,38 @@ def not_scored_rows(
     ]
 
 
-def _top_variables(schema: ModelSchema, contribution: np.ndarray) -> list[dict[str, Any]]:
-    order = np.argsort(-contribution, kind="stable")[:TOP_VARIABLES]
-    return [
-        {"variable": schema.variables[j], "contribution": round(float(contribution[j]), 4)}
-        for j in order
-        if contribution[j] > 0
-    ]
-
-
 def score_rows(batch: ModelBatch, out: dict[str, np.ndarray], version: str) -> list[dict[str, Any]]:
-    """One row of ``ehr_scores`` per patient sent (without the job columns)."""
+    """One row of ``ehr_scores`` per patient sent (without the job columns). Rounding and
+    ranking run on whole arrays: this is per-patient work on the scoring path."""
     group = batch.patients
-    schema = model_schema(batch.model)
-    risk = out["RISK"].reshape(len(group), -1)[:, 0]
-    contribution = out["CONTRIBUTION"].reshape(len(group), -1)
+    n = len(group)
+    variables = model_schema(batch.model).variables
+    risk = out["RISK"].reshape(n, -1)[:, 0].astype(np.float64).tolist()
+    contribution = out["CONTRIBUTION"].reshape(n, -1).astype(np.float64)
+    rounded = np.round(contribution, 4).tolist()
+    top_vars = np.argsort(-contribution, axis=1, kind="stable")[:, :TOP_VARIABLES].tolist()
+    if batch.sequences is not None:
+        raw_attention = out["ATTENTION"].reshape(n, -1).astype(np.float64)
+        attention, attention4 = np.round(raw_attention, 5), np.round(raw_attention, 4)
+    else:
+        ood = out["OOD"].reshape(-1).tolist()
+        recon = out["RECON_ERROR"].reshape(-1).astype(np.float64).tolist()
     rows = []
     for i, p in enumerate(group):
+        c = rounded[i]
         explanation: dict[str, Any] = {
-            "top_variables": _top_variables(schema, contribution[i]),
-            "contributions": {
-                name: round(float(contribution[i, j]), 4) for j, name in enumerate(schema.variables)
-            },
+            "top_variables": [
+                {"variable": variables[j], "contribution": c[j]}
+                for j in top_vars[i]
+                if contribution[i, j] > 0
+            ],
+            "contributions": dict(zip(variables, c, strict=True)),
         }
         row: dict[str, Any] = {
             "patient_id": p.patient_id,
             "model_name": batch.model,
             "model_version": version,
-            "risk": float(risk[i]),
+            "risk": risk[i],
             "not_scored": None,
             "out_of_distribution": None,
             "reconstruction_error": None,
@@ -175,20 +179,19 @@ def score_rows(batch: ModelBatch, out: dict[str, np.ndarray], version: str) -> l
         }
         if batch.sequences is not None:
             seq = batch.sequences[i]
-            weights = out["ATTENTION"][i, : seq.length].astype(float)
-            days = [str(d) for d in seq.visit_days]
-            explanation["attention"] = [
-                [d, round(float(w), 5)] for d, w in zip(days, weights, strict=True)
-            ]
-            top = np.argsort(-weights, kind="stable")[:TOP_VISITS]
+            weights = attention[i, : seq.length]
+            days = seq.visit_days.astype(str).tolist()
+            listed = weights.tolist()
+            explanation["attention"] = [[d, w] for d, w in zip(days, listed, strict=True)]
+            top = np.argsort(-weights, kind="stable")[:TOP_VISITS].tolist()
             explanation["top_visits"] = [
-                {"day": days[v], "weight": round(float(weights[v]), 4)} for v in top
+                {"day": days[v], "weight": float(attention4[i, v])} for v in top
             ]
             row["visits"] = seq.length
         else:
             row["visits"] = int(np.unique(p.measurements.timestamp.astype("datetime64[D]")).size)
-            row["out_of_distribution"] = bool(out["OOD"].reshape(-1)[i])
-            row["reconstruction_error"] = float(out["RECON_ERROR"].reshape(-1)[i])
+            row["out_of_distribution"] = bool(ood[i])
+            row["reconstruction_error"] = recon[i]
         row["explanation"] = explanation
         rows.append(row)
     return rows
