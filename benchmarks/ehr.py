@@ -62,19 +62,6 @@ def pyarrow_parse(path: Path, block_size: int) -> float:
     return time.perf_counter() - t0
 
 
-def _activate(settings: Any) -> None:
-    """Point this process's Celery app and settings at the benchmark's private stack."""
-    from medbatch.settings import get_settings
-    from medbatch.stack.worker_process import settings_env
-    from workers.celery_app import app, reconfigure
-
-    os.environ.update(
-        {k: v for k, v in settings_env(settings).items() if k.startswith("MEDBATCH_")}
-    )
-    get_settings.cache_clear()
-    reconfigure(app, settings)
-
-
 def medbatch_run(settings: Any, path: Path) -> dict[str, Any]:
     """One end-to-end run; its seconds, stages and the workers' memory."""
     from sqlalchemy import select
@@ -142,6 +129,7 @@ def main() -> None:
     from medbatch.settings import Settings
     from medbatch.stack.embedded import EmbeddedStack
     from medbatch.stack.process import free_port
+    from medbatch.stack.worker_process import use_settings
 
     console = Console()
     extract = args.extract
@@ -163,7 +151,7 @@ def main() -> None:
                 triton_metrics_port=free_port(),
                 worker_concurrency=1,
             )
-            _activate(settings)
+            use_settings(settings)
             upgrade(settings.database_url)
             with EmbeddedStack(settings, workers=n_workers, beat=False, report=console.log):
                 medbatch_run(settings, extract)  # warm: models loaded, imports done

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import audit
 from db.models import TERMINAL_STATES, Job, JobKind, JobState, utcnow
-from medbatch.errors import JobNotFoundError
+from medbatch.errors import InputError, JobNotFoundError
 
 #: Allowed predecessors of each state. ``running → running`` is a redelivery after a crash;
 #: ``running → queued`` is a retry while Triton is unavailable; ``failed → queued`` is an
@@ -89,6 +90,16 @@ def next_key(session: Session, base_key: str, force: bool) -> str:
     if not taken:
         return base_key
     return f"{base_key}#{'force' if force else 'retry'}{taken}"
+
+
+def add_submission(session: Session, job: Job, name: str) -> None:
+    """Insert a new top-level job; its unique key refuses a concurrent submission of the same
+    content, which is reported as such."""
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise InputError(f"{name} is being submitted by another process right now") from exc
 
 
 def get_job(session: Session, job_id: int) -> Job:

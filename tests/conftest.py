@@ -19,7 +19,7 @@ from db.session import dispose_all
 from medbatch.settings import Settings, get_settings
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import free_port
-from medbatch.stack.worker_process import settings_env
+from medbatch.stack.worker_process import use_settings
 
 PG_URL = os.environ.get(
     "MEDBATCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -113,24 +113,13 @@ def make_settings(tmp: Path, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def activate(settings: Settings) -> None:
-    """Make this test process use ``settings`` too (environment, cached settings, Celery app)."""
-    from workers.celery_app import app, reconfigure
-
-    os.environ.update(
-        {k: v for k, v in settings_env(settings).items() if k.startswith("MEDBATCH_")}
-    )
-    get_settings.cache_clear()
-    reconfigure(app, settings)
-
-
 @contextmanager
 def private_stack(settings: Settings, **kw: object) -> Iterator[EmbeddedStack]:
     """A stack for ``settings``; the process-wide settings are restored afterwards."""
     from workers.celery_app import app, reconfigure
 
     saved = dict(os.environ)
-    activate(settings)
+    use_settings(settings)
     try:
         with EmbeddedStack(settings, ready_timeout_s=240, **kw) as running:  # type: ignore[arg-type]
             yield running

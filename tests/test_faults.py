@@ -177,8 +177,7 @@ def test_retries_exhausted_fail_the_job_with_a_clear_reason(
 ) -> None:
     """A worker whose Triton never comes back gives up after its retries and says so."""
     from medbatch.stack.process import free_port
-    from medbatch.stack.worker_process import worker_process, worker_ready
-    from tests.conftest import activate
+    from medbatch.stack.worker_process import use_settings, worker_process, worker_ready
 
     base = stack.settings
     nowhere = base.model_copy(
@@ -193,11 +192,11 @@ def test_retries_exhausted_fail_the_job_with_a_clear_reason(
     proc = worker_process(nowhere, tmp_path, queues=["chem-isolated"]).start()
     try:
         proc.wait_until(lambda: worker_ready(proc), 120, "ready")
-        activate(nowhere)
+        use_settings(nowhere)
         res = submit_library(library, nowhere, publish)
         job = wait_for_job(nowhere, res.job_id, timeout=120)
     finally:
-        activate(base)
+        use_settings(base)
         proc.stop()
     assert job.state == JobState.FAILED.value
     (chunk,) = chunk_jobs(base, res.job_id)

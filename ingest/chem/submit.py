@@ -18,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import audit
-from db.jobs import finish_parent_if_complete, live_job_for_key, next_key, transition
+from db.jobs import (
+    add_submission,
+    finish_parent_if_complete,
+    live_job_for_key,
+    next_key,
+    transition,
+)
 from db.models import (
     ChunkItem,
     Compound,
@@ -336,13 +341,7 @@ def submit_library(
                 "model_version": settings.chem_model_version,
             },
         )
-        session.add(parent)
-        try:
-            session.flush()
-        except IntegrityError as exc:  # a concurrent submission of the same file won the race
-            raise InputError(
-                f"{path.name} is being submitted by another process right now"
-            ) from exc
+        add_submission(session, parent, path.name)
         audit.append(
             session,
             actor=actor,

@@ -16,10 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.exc import IntegrityError
-
 from db import audit
-from db.jobs import live_job_for_key, next_key
+from db.jobs import add_submission, live_job_for_key, next_key
 from db.models import Job, JobKind, JobState
 from db.session import session_scope
 from ingest.ehr.reader import detect_format
@@ -127,13 +125,7 @@ def submit_extract(
             state=JobState.QUEUED.value,
             params=params,
         )
-        session.add(parent)
-        try:
-            session.flush()
-        except IntegrityError as exc:
-            raise InputError(
-                f"{path.name} is being submitted by another process right now"
-            ) from exc
+        add_submission(session, parent, path.name)
         ingest = Job(
             kind=JobKind.EHR_INGEST.value,
             parent_id=parent.id,

@@ -11,6 +11,19 @@ from medbatch.settings import Settings
 from medbatch.stack.process import ManagedProcess
 
 
+def use_settings(settings: Settings) -> None:
+    """Make this process use ``settings`` too (tests and benchmarks that start a private stack):
+    its environment, the cached settings, and the Celery app it publishes with."""
+    from medbatch.settings import get_settings
+    from workers.celery_app import app, reconfigure
+
+    os.environ.update(
+        {k: v for k, v in settings_env(settings).items() if k.startswith("MEDBATCH_")}
+    )
+    get_settings.cache_clear()
+    reconfigure(app, settings)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process see exactly these settings."""
     env = dict(os.environ)
