@@ -134,34 +134,55 @@ def infer_or_wait(
     (Triton refused the request) — or Celery's Retry while Triton is unavailable. With
     ``fail_on_refusal=False`` a refusal is raised (:class:`InferenceError`) for the caller to
     isolate the offending items instead of failing the job."""
-    started = time.perf_counter()
     try:
-        out = triton_client.infer(
-            settings.triton_grpc_url,
-            model,
-            version,
-            inputs,
-            outputs,
-            timeout_s=settings.triton_timeout_s,
-            request_id=f"job-{job.job_id}",
-        )
+        return triton_infer(settings, job.job_id, model, version, inputs, outputs)
     except InferenceUnavailableError as exc:
-        TRITON_UNAVAILABLE.labels(model).inc()
-        return wait_or_fail(
-            task,
-            job,
-            settings,
-            exc,
-            what="Triton",
-            remedy="Check `medbatch triton` / the triton service, then `medbatch retry`.",
-        )
+        return wait_for_triton(task, job, settings, exc, model)
     except InferenceError as exc:
         if not fail_on_refusal:
             raise
         close(job, JobState.FAILED, settings, error=str(exc))
         return "failed"
+
+
+def triton_infer(
+    settings: Settings,
+    job_id: int,
+    model: str,
+    version: str,
+    inputs: dict[str, np.ndarray],
+    outputs: list[str],
+) -> dict[str, np.ndarray]:
+    """One timed Triton request; touches no job state, so it may run on any thread. Raises
+    :class:`InferenceUnavailableError` or :class:`InferenceError`."""
+    started = time.perf_counter()
+    out = triton_client.infer(
+        settings.triton_grpc_url,
+        model,
+        version,
+        inputs,
+        outputs,
+        timeout_s=settings.triton_timeout_s,
+        request_id=f"job-{job_id}",
+    )
     TRITON_SECONDS.labels(model).observe(time.perf_counter() - started)
     return out
+
+
+def wait_for_triton(
+    task: Task, job: Claim, settings: Settings, exc: InferenceUnavailableError, model: str
+) -> str:
+    """Triton could not serve ``job``: count it, then re-queue with back-off or fail (see
+    :func:`wait_or_fail`; raises Celery's Retry in the first case)."""
+    TRITON_UNAVAILABLE.labels(model).inc()
+    return wait_or_fail(
+        task,
+        job,
+        settings,
+        exc,
+        what="Triton",
+        remedy="Check `medbatch triton` / the triton service, then `medbatch retry`.",
+    )
 
 
 def run_guarded(

@@ -26,7 +26,6 @@ from db.upsert import insert_ignore
 from ingest.ehr.spill import read_bucket
 from medbatch.errors import InferenceError, InferenceUnavailableError
 from medbatch.settings import Settings, get_settings
-from workers import triton_client
 from workers.celery_app import TASK_EHR_SCORE, app
 from workers.ehr.scoring import (
     OUTPUTS,
@@ -37,9 +36,17 @@ from workers.ehr.scoring import (
     patients,
     score_rows,
 )
-from workers.lifecycle import Claim, claim, close, infer_or_wait, run_guarded, wait_or_fail
+from workers.lifecycle import (
+    Claim,
+    claim,
+    close,
+    infer_or_wait,
+    run_guarded,
+    triton_infer,
+    wait_for_triton,
+)
 from workers.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
-from workers.metrics import ITEMS, TRITON_SECONDS, TRITON_UNAVAILABLE
+from workers.metrics import ITEMS
 
 log = logging.getLogger(__name__)
 
@@ -100,25 +107,6 @@ def _rows_from(
     return score_rows(batch, out, version)
 
 
-def _call(
-    settings: Settings, job_id: int, batch: ModelBatch, version: str
-) -> dict[str, np.ndarray]:
-    """One Triton request, run on the pipeline's thread: no job state is touched here (Celery's
-    task context lives in the task's own thread), errors go back to it."""
-    started = time.perf_counter()
-    out = triton_client.infer(
-        settings.triton_grpc_url,
-        batch.model,
-        version,
-        batch.inputs,
-        OUTPUTS[batch.model],
-        timeout_s=settings.triton_timeout_s,
-        request_id=f"job-{job_id}",
-    )
-    TRITON_SECONDS.labels(batch.model).observe(time.perf_counter() - started)
-    return out
-
-
 class _Pipeline:
     """Scores groups of patients so that the CPU work of the next group (features) overlaps the
     Triton calls of the current one, and both models' calls run at once (the server has an
@@ -143,7 +131,15 @@ class _Pipeline:
             batch = build_inputs(model, group)
             rows.extend(not_scored_rows(model, version, batch.skipped))
             future = (
-                self.pool.submit(_call, self.settings, self.job.job_id, batch, version)
+                self.pool.submit(
+                    triton_infer,
+                    self.settings,
+                    self.job.job_id,
+                    model,
+                    version,
+                    batch.inputs,
+                    OUTPUTS[model],
+                )
                 if batch.patients
                 else None
             )
@@ -163,16 +159,8 @@ class _Pipeline:
             t0 = time.perf_counter()
             try:
                 out = future.result()
-            except InferenceUnavailableError as exc:
-                TRITON_UNAVAILABLE.labels(batch.model).inc()
-                return wait_or_fail(  # raises Celery's Retry unless the retries are spent
-                    self.task,
-                    self.job,
-                    self.settings,
-                    exc,
-                    what="Triton",
-                    remedy="Check `medbatch triton` / the triton service, then `medbatch retry`.",
-                )
+            except InferenceUnavailableError as exc:  # Retry unless the retries are spent
+                return wait_for_triton(self.task, self.job, self.settings, exc, batch.model)
             except InferenceError:  # some patient's inputs were refused: find them
                 scored = _infer_isolating(self.task, self.job, self.settings, batch, version)
             else:
