@@ -92,7 +92,7 @@ class InProcess:
         payload = torch.load(MODEL_DIR / "weights.pt", map_location="cpu", weights_only=True)
         self.torch = torch
         self.device = torch.device(device)
-        self.model = self.net.build_from_payload(payload).to(self.device).eval()
+        self.model = self.net.build_for_serving(payload).to(self.device).eval()
         self.mean, self.std = float(payload["target_mean"]), float(payload["target_std"])
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> np.ndarray:

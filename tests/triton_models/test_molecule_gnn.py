@@ -105,6 +105,73 @@ def test_batching_invariance(network, served):
     np.testing.assert_allclose(_predict(network, served, padded)[:3], together[:3], atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def nci_graphs():
+    """The first 1,500 molecules of RDKit's NCI set that parse, as the workers featurise them."""
+    from rdkit import Chem, RDLogger
+
+    from tests.conftest import RDKIT_NCI
+
+    RDLogger.DisableLog("rdApp.*")
+    graphs = []
+    for line in RDKIT_NCI.read_text().splitlines():
+        mol = Chem.MolFromSmiles(line.split("\t")[0])
+        if mol is not None and mol.GetNumAtoms():
+            graphs.append(mol_to_graph(mol))
+        if len(graphs) == 1500:
+            break
+    return graphs
+
+
+def _flat(network, arrays):
+    t = [torch.from_numpy(arrays[n]) for n in INPUTS]
+    return (*network.padded_to_batch(*t), int(t[0].shape[0]))
+
+
+def test_fused_ensemble_equals_the_trained_ensemble(network, served, nci_graphs):
+    """The served form (batch norms folded, members batched, joint embedding tables) computes the
+    trained ensemble's function: same predictions to float32 rounding on 1,500 real molecules."""
+    model, mean, std, payload = served
+    fused = network.build_for_serving(payload)
+    assert isinstance(fused, network.FusedEnsemble) and not fused.training
+    graph = _flat(network, pad_graphs(nci_graphs))
+    with torch.inference_mode():
+        reference = model(*graph)
+        fast = fused(*graph)
+    assert fast.shape == reference.shape == (1500,)
+    np.testing.assert_allclose(fast.numpy(), reference.numpy(), atol=2e-5)
+    # a single-member or perturbed ensemble would not match: the comparison can fail
+    assert float((fast - reference.roll(1)).abs().max()) > 0.1
+
+
+def test_split_graph_pieces_and_predict_logs(network, served, nci_graphs):
+    """CPU serving runs a chunk in pieces of CPU_SUB_BATCH molecules; pieces must be whole
+    molecules with their own bonds, and the answers equal to one pass over the chunk."""
+    model, mean, std, payload = served
+    graphs = nci_graphs[:300]
+    # two requests concatenated, as execute() does with a dynamic batch
+    whole = network.concat_graphs(
+        [_flat(network, pad_graphs(graphs[:130])), _flat(network, pad_graphs(graphs[130:]))]
+    )
+    pieces = network.split_graph(whole, 64)
+    assert [p[4] for p in pieces] == [64, 64, 64, 64, 44]
+    for piece, start in zip(pieces, range(0, 300, 64), strict=True):
+        x, edge_index, edge_attr, batch, n = piece
+        expected = _flat(network, pad_graphs(graphs[start : start + n]))
+        assert torch.equal(x, expected[0]) and torch.equal(batch, expected[3])
+        assert sorted(map(tuple, edge_index.t().tolist())) == sorted(
+            map(tuple, expected[1].t().tolist())
+        )
+        assert edge_attr.shape == expected[2].shape
+    assert network.split_graph(whole, 300) == [whole]
+
+    fused = network.build_for_serving(payload)
+    logs = network.predict_logs(fused, whole, torch.device("cpu"), mean, std)
+    with torch.inference_mode():
+        reference = model(*whole) * std + mean
+    np.testing.assert_allclose(logs.numpy(), reference.numpy(), atol=1e-4)
+
+
 def _mol(smiles):
     from rdkit import Chem
 

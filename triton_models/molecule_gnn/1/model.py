@@ -65,7 +65,7 @@ class TritonPythonModel:
         except TypeError:  # torch without weights_only
             payload = torch.load(version_dir / "weights.pt", map_location="cpu")
         try:
-            model = self.network.build_from_payload(payload)
+            model = self.network.build_for_serving(payload)
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"molecule_gnn: {exc}") from exc
 
