@@ -117,6 +117,27 @@ def test_committed_weights_reproduce_reference_patients(network, model, metrics,
         np.testing.assert_allclose(pred.contribution[i].numpy(), first["contribution"], atol=1e-4)
 
 
+def test_cpu_pieces_equal_one_untrimmed_pass(network, model, reference):
+    """On a CPU predict() runs pieces of CPU_SUB_BATCH patients grouped by visit count and cut
+    after their last visit; that must only skip work: same outputs as one pass over the whole
+    batch at 20 visits, in the caller's patient order."""
+    _, inputs = reference
+    sl = slice(0, 3 * network.CPU_SUB_BATCH + 17)
+    values, observed, dt, length = tensors(inputs, sl)
+    assert len(set(length.reshape(-1).tolist())) > 5
+    pred = network.predict(model, values, observed, dt, length, CPU)
+    logits, attention = network._occluded_logits(
+        model, values, observed, dt, length.reshape(-1, 1).long(), CPU
+    )
+    torch.testing.assert_close(pred.logit, logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pred.attention, attention, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        pred.contribution, (logits[0][None, :] - logits[1:]).T, atol=1e-5, rtol=0
+    )
+    # the comparison can fail: patients out of order would not match
+    assert float((pred.logit - logits[0].roll(1)).abs().max()) > 0.1
+
+
 def test_attention_sums_to_one_over_real_visits(network, model, reference):
     _, inputs = reference
     pred = network.predict(model, *tensors(inputs, slice(0, 300)), CPU)

@@ -131,7 +131,7 @@ def _flat(network, arrays):
 def test_fused_ensemble_equals_the_trained_ensemble(network, served, nci_graphs):
     """The served form (batch norms folded, members batched, joint embedding tables) computes the
     trained ensemble's function: same predictions to float32 rounding on 1,500 real molecules."""
-    model, mean, std, payload = served
+    model, _, _, payload = served
     fused = network.build_for_serving(payload)
     assert isinstance(fused, network.FusedEnsemble) and not fused.training
     graph = _flat(network, pad_graphs(nci_graphs))
