@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     # --- compound screening --------------------------------------------------------------------
     chem_chunk_size: int = Field(512, ge=1, le=1024, description="Molecules per Triton request.")
     chem_ingest_batch: int = Field(2048, ge=1, description="Rows canonicalised per DB round trip.")
+    chem_canonicalize_processes: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Processes a library submission canonicalises in (RDKit parse, canonical "
+        "SMILES, InChIKey: ~0.45 ms of CPU per molecule). 1 = in the submitting process; raise "
+        "it to the cores a large submission may use.",
+    )
     chem_model_name: str = "molecule_gnn"
     chem_model_version: str = "1"
 

@@ -83,3 +83,8 @@ def canonicalize(text: str, *, molblock: bool = False) -> Canonical | Invalid:
         return Canonical(smiles=smiles, inchikey=inchikey)
     finally:
         _local.messages = None
+
+
+def canonicalize_all(items: list[tuple[str, bool]]) -> list[Canonical | Invalid]:
+    """:func:`canonicalize` of each ``(text, molblock)``: one task of a canonicalising process."""
+    return [canonicalize(text, molblock=molblock) for text, molblock in items]

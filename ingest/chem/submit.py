@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ from db.models import (
 )
 from db.session import session_scope
 from db.upsert import insert_ignore
-from ingest.chem.canonicalize import Canonical, canonicalize
+from ingest.chem.canonicalize import Canonical, Invalid, canonicalize_all
 from ingest.chem.readers import Format, LibraryReader, RawRecord
 from ingest.files import file_sha256
 from medbatch.errors import InputError
@@ -116,12 +119,12 @@ class _Submission:
         self.actor = audit.current_actor("user")
 
     # -- one batch of rows ---------------------------------------------------------------------
-    def add_batch(self, session: Session, records: list[RawRecord]) -> None:
+    def add_batch(
+        self, session: Session, records: list[RawRecord], results: list[Canonical | Invalid]
+    ) -> None:
         rejections: list[dict[str, Any]] = []
         valid: list[tuple[RawRecord, Canonical]] = []
-        started = time.perf_counter()
-        for rec in records:
-            result = canonicalize(rec.text, molblock=rec.molblock)
+        for rec, result in zip(records, results, strict=True):
             if isinstance(result, Canonical):
                 valid.append((rec, result))
             else:
@@ -134,7 +137,6 @@ class _Submission:
                         "reason": result.reason,
                     }
                 )
-        self.seconds["canonicalize"] += time.perf_counter() - started
         self.counts["rows"] += len(records)
         self.counts["rejected"] += len(rejections)
         self.counts["valid"] += len(valid)
@@ -287,6 +289,45 @@ class _Submission:
         self.counts["chunks"] = len(self.chunk_ids)
 
 
+def _canonicalised(
+    batches: Iterable[list[RawRecord]], processes: int, seconds: dict[str, float]
+) -> Iterator[tuple[list[RawRecord], list[Canonical | Invalid]]]:
+    """Each batch with its canonicalisation results, in file order.
+
+    With ``processes`` > 1 the RDKit work (parse, canonical SMILES, InChIKey: nearly all of a
+    submitter's CPU) runs in that many processes, at most two batches per process in flight so
+    a library of millions of rows never sits in memory; the database work stays here, in order.
+    ``seconds["canonicalize"]`` accumulates the time this process spent on it or waiting for it.
+    """
+    if processes <= 1:
+        for batch in batches:
+            started = time.perf_counter()
+            results = canonicalize_all([(r.text, r.molblock) for r in batch])
+            seconds["canonicalize"] += time.perf_counter() - started
+            yield batch, results
+        return
+    window: deque[tuple[list[RawRecord], Future[list[Canonical | Invalid]]]] = deque()
+    # spawn: the children import RDKit afresh instead of inheriting this process's database
+    # connections and threads.
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for batch in batches:
+            window.append(
+                (batch, pool.submit(canonicalize_all, [(r.text, r.molblock) for r in batch]))
+            )
+            if len(window) >= 2 * processes:
+                started = time.perf_counter()
+                done, future = window.popleft()
+                results = future.result()
+                seconds["canonicalize"] += time.perf_counter() - started
+                yield done, results
+        while window:
+            started = time.perf_counter()
+            done, future = window.popleft()
+            results = future.result()
+            seconds["canonicalize"] += time.perf_counter() - started
+            yield done, results
+
+
 def _batches(records: Iterable[RawRecord], size: int) -> Iterable[list[RawRecord]]:
     batch: list[RawRecord] = []
     for rec in records:
@@ -354,9 +395,11 @@ def submit_library(
     sub = _Submission(job_id, key, path.name, settings, options)
     try:
         with reader:
-            for batch in _batches(reader, settings.chem_ingest_batch):
+            batches = _batches(reader, settings.chem_ingest_batch)
+            processes = settings.chem_canonicalize_processes
+            for batch, results in _canonicalised(batches, processes, sub.seconds):
                 with session_scope(settings.database_url) as session:
-                    sub.add_batch(session, batch)
+                    sub.add_batch(session, batch, results)
                     created = sub.make_chunks(session, final=False)
                     session.execute(
                         update(Job)

@@ -42,16 +42,20 @@ def _settings(url: str, tmp: Path, **kw: object) -> Settings:
     return Settings(storage_dir=tmp, database_url=url, chem_chunk_size=4, chem_ingest_batch=5, **kw)
 
 
+@pytest.mark.parametrize("processes", [1, 2], ids=["in-process", "2-canonicalisers"])
 def test_counts_rejections_duplicates_and_chunks(
-    db_url: str, tmp_path: Path, nci_smiles: list[tuple[str, str]]
+    db_url: str, tmp_path: Path, nci_smiles: list[tuple[str, str]], processes: int
 ) -> None:
+    """Also with the RDKit work in 2 processes (3 batches of 5 rows in flight at once): same
+    counts, the same RDKit reasons, duplicates resolved in file order."""
     mols = unique_valid(nci_smiles, 10)
     lines = ["smiles,id"] + [f"{s},{n}" for s, n, _ in mols]
     lines += ["C1CC(,bad1", f"{mols[0][0]},again", "c1ccccc,bad2", f"{mols[3][0]},again2"]
     lib = tmp_path / "lib.csv"
     lib.write_text("\n".join(lines) + "\n")
     rec = Recorder(db_url)
-    res = submit_library(lib, _settings(db_url, tmp_path), rec, ScreenOptions(id_column="id"))
+    settings = _settings(db_url, tmp_path, chem_canonicalize_processes=processes)
+    res = submit_library(lib, settings, rec, ScreenOptions(id_column="id"))
     assert res.counts == {
         "rows": 14,
         "valid": 12,
