@@ -202,7 +202,13 @@ class Medbatch:
     """Redis and Triton started once; a fresh database and fresh workers each repetition."""
 
     def __init__(
-        self, root: Path, workers: int, concurrency: int, chunk_size: int, triton_threads: int
+        self,
+        root: Path,
+        workers: int,
+        concurrency: int,
+        chunk_size: int,
+        triton_threads: int,
+        canonicalize_processes: int = 1,
     ) -> None:
         from medbatch.settings import Settings
         from medbatch.stack.embedded import EmbeddedStack
@@ -222,6 +228,7 @@ class Medbatch:
             triton_metrics_port=free_port(),
             triton_timeout_s=120.0,
             chem_chunk_size=chunk_size,
+            chem_canonicalize_processes=canonicalize_processes,
             worker_concurrency=concurrency,
             metrics_port=0,
             **repo,
@@ -436,6 +443,13 @@ def main() -> None:
         default=0,
         help="run molecule_gnn alone with this many torch threads (default: config.pbtxt's one)",
     )
+    parser.add_argument(
+        "--canonicalize-processes",
+        type=int,
+        default=1,
+        help="MEDBATCH_CHEM_CANONICALIZE_PROCESSES of the submission (its CPU is then not in "
+        "cpu_s.submitter)",
+    )
     parser.add_argument("--quick", action="store_true", help="2,000 molecules, one repetition")
     parser.add_argument("--profile", action="store_true", help="one more medbatch run, py-spy")
     parser.add_argument("--out-dir", type=Path, default=None)
@@ -458,7 +472,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="medbatch-screening-") as tmp:
         root = Path(tmp)
         with Medbatch(
-            root, args.workers, args.concurrency, args.chunk_size, args.triton_threads
+            root,
+            args.workers,
+            args.concurrency,
+            args.chunk_size,
+            args.triton_threads,
+            args.canonicalize_processes,
         ) as med:
             warm = root / "warmup.csv"  # Triton's first requests, the workers' imports
             warm.write_text("\n".join(library.read_text().splitlines()[:1025]) + "\n")
@@ -512,6 +531,7 @@ def main() -> None:
             "concurrency": args.concurrency,
             "chunk_size": args.chunk_size,
             "triton_threads": args.triton_threads or "config.pbtxt (1)",
+            "canonicalize_processes": args.canonicalize_processes,
             "seconds": times,
             "mol_per_s": rate,
             "medbatch_over_chemprop": ratio,
