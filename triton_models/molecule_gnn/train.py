@@ -331,6 +331,10 @@ instance; `configs/gpu.pbtxt` (`tritonserver --model-config-name=gpu`) one GPU i
 GPU configuration has so far only been checked for syntax, not run on a GPU). A malformed
 request (counts past the padded axes, bond endpoints outside the molecule, feature values
 outside a vocabulary) gets its own error response; the other requests of the batch are served.
+The server runs the ensemble as `network.FusedEnsemble` (batch norms folded into the linear
+layers, the members as one batched matrix product, joint embedding tables; pieces of 64
+molecules on a CPU): the same function to float32 rounding, about 4× less CPU than calling the
+members one by one (tested against the trained ensemble on 1,500 NCI molecules).
 
 ## Training
 
