@@ -17,12 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import median, write_record
+from benchmarks.common import (
+    BENCH_PROFILE_DIR,
+    median,
+    start_spies,
+    summarise_profile,
+    write_record,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EXTRACT = REPO / ".bench" / "ehr-1m.csv"
@@ -111,6 +119,28 @@ def medbatch_run(settings: Any, path: Path) -> dict[str, Any]:
         }
 
 
+EHR_FRAMES = ("ingest/ehr", "workers/ehr", "workers/lifecycle", "db/", "tritonclient/", "model.py")
+
+
+def _profiled_run(stack: Any, settings: Any, extract: Path) -> dict[str, Any]:
+    """One more run with py-spy on every worker process (and its pool children) and on Triton's
+    python backend stubs; the hottest frames of each."""
+    out = BENCH_PROFILE_DIR / "ehr"
+    shutil.rmtree(out, ignore_errors=True)
+    targets = [(f"worker{i}", p.pid, True) for i, p in enumerate(stack.workers)]
+    if getattr(stack, "triton", None) is not None:
+        targets.append(("triton", stack.triton.pid, True))
+    spies = start_spies(targets, out)
+    try:
+        medbatch_run(settings, extract)
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(timeout=60)
+    return {p.stem: summarise_profile(p, EHR_FRAMES) for p in sorted(out.glob("*.txt"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,6 +149,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workers", default="1,2", help="worker processes to compare")
     parser.add_argument("--quick", action="store_true", help="a smoke run for CI")
+    parser.add_argument(
+        "--profile", action="store_true", help="one more run per configuration under py-spy"
+    )
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args()
 
@@ -153,16 +186,19 @@ def main() -> None:
             )
             use_settings(settings)
             upgrade(settings.database_url)
-            with EmbeddedStack(settings, workers=n_workers, beat=False, report=console.log):
+            stack = EmbeddedStack(settings, workers=n_workers, beat=False, report=console.log)
+            with stack:
                 medbatch_run(settings, extract)  # warm: models loaded, imports done
                 runs: list[dict[str, Any]] = []
                 parses: list[float] = []
                 for _ in range(reps):  # alternating: the limit, then medbatch
                     parses.append(pyarrow_parse(extract, settings.ehr_block_bytes))
                     runs.append(medbatch_run(settings, extract))
+                profile = _profiled_run(stack, settings, extract) if args.profile else {}
         med = {k: median([r[k] for r in runs]) for k in runs[0]}
         results[str(n_workers)] = {
             "runs": runs,
+            "profile_top_frames": profile,
             "median": med,
             "medbatch_rows_per_s": rows / med["seconds"],
             "pyarrow_parse_rows_per_s": rows / median(parses),
@@ -200,6 +236,12 @@ def main() -> None:
                 f"scale-out: 2 workers / 1 worker = "
                 f"{twos['medbatch_rows_per_s'] / ones['medbatch_rows_per_s']:.2f}×"
             )
+    for n_workers, result in results.items():
+        for name, summary in result["profile_top_frames"].items():
+            frames = "; ".join(
+                f"{r['frame']} {r['share']:.0%}" for r in summary.get("self", [])[:6]
+            )
+            console.print(f"[bold]{n_workers} worker(s), {name}[/bold] py-spy self: {frames}")
     path = write_record(
         "ehr",
         {

@@ -37,7 +37,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -51,7 +50,7 @@ import rdkit
 from rdkit import Chem
 
 from benchmarks.chemprop_model import chemprop_exe, model_path
-from benchmarks.common import alternate, median, write_record
+from benchmarks.common import alternate, median, start_spies, summarise_profile, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / ".bench" / "screening"
@@ -269,7 +268,15 @@ class Medbatch:
         from workers.dispatch import publish
 
         settings, procs = self._fresh()
-        spies = _start_spies(procs, profile_dir) if profile_dir else []
+        spies = (
+            start_spies(
+                [("submitter", os.getpid(), False)]
+                + [(f"worker{i}", p.pid, True) for i, p in enumerate(procs)],
+                profile_dir,
+            )
+            if profile_dir
+            else []
+        )
         pids = {
             "workers": [p.pid for p in procs],
             "triton": [self.stack.triton.pid] if self.stack.triton else [],
@@ -379,52 +386,7 @@ def _stages(url: str, job_id: int, wall0: float) -> dict[str, Any]:
     }
 
 
-# --- profiling -------------------------------------------------------------------------------
-def _py_spy() -> str:
-    exe = Path(sys.executable).with_name("py-spy")
-    return str(exe) if exe.is_file() else "py-spy"
-
-
-def _start_spies(procs: list[Any], out: Path) -> list[subprocess.Popen[bytes]]:
-    """py-spy on this process (the submitter) and on each worker and its pool children."""
-    out.mkdir(parents=True, exist_ok=True)
-    targets: list[tuple[str, int, list[str]]] = [("submitter", os.getpid(), [])] + [
-        (f"worker{i}", p.pid, ["--subprocesses"]) for i, p in enumerate(procs)
-    ]
-    spies = []
-    for name, pid, extra in targets:
-        argv = [_py_spy(), "record", "--rate", "200", "--format", "raw", "--pid", str(pid)]
-        argv += [*extra, "-o", str(out / f"{name}.txt")]
-        spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    time.sleep(1.0)  # attached before the clock starts
-    return spies
-
-
-PROJECT_FRAMES = ("ingest/", "workers/chem/", "workers/lifecycle", "db/", "tritonclient/")
-
-
-def summarise_profile(path: Path, top: int = 10) -> dict[str, list[dict[str, Any]]]:
-    """Hottest leaf frames (self time) and medbatch's own frames (inclusive), as sample shares."""
-    if not path.is_file():
-        return {}
-    own: Counter[str] = Counter()
-    incl: Counter[str] = Counter()
-    samples = 0
-    for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit() or not stack:
-            continue
-        samples += int(n)
-        frames = stack.split(";")
-        own[frames[-1]] += int(n)
-        for frame in set(frames):
-            if any(k in frame for k in PROJECT_FRAMES):
-                incl[frame] += int(n)
-
-    def rows(c: Counter[str]) -> list[dict[str, Any]]:
-        return [{"frame": f, "share": round(v / samples, 3)} for f, v in c.most_common(top)]
-
-    return {"self": rows(own), "inclusive_medbatch": rows(incl), "samples": [{"n": samples}]}
+CHEM_FRAMES = ("ingest/", "workers/chem/", "workers/lifecycle", "db/", "tritonclient/")
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -496,7 +458,9 @@ def main() -> None:
             if args.profile:
                 pdir = BENCH_DIR / "profile"
                 med(library, profile_dir=pdir)
-                profile = {p.stem: summarise_profile(p) for p in sorted(pdir.glob("*.txt"))}
+                profile = {
+                    p.stem: summarise_profile(p, CHEM_FRAMES) for p in sorted(pdir.glob("*.txt"))
+                }
             stages = med.stages
 
     rate = {k: n / median(v) for k, v in times.items()}
