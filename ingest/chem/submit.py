@@ -307,25 +307,24 @@ def _canonicalised(
             yield batch, results
         return
     window: deque[tuple[list[RawRecord], Future[list[Canonical | Invalid]]]] = deque()
+
+    def oldest() -> tuple[list[RawRecord], list[Canonical | Invalid]]:
+        started = time.perf_counter()
+        batch, future = window.popleft()
+        results = future.result()
+        seconds["canonicalize"] += time.perf_counter() - started
+        return batch, results
+
     # spawn: the children import RDKit afresh instead of inheriting this process's database
     # connections and threads.
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         for batch in batches:
-            window.append(
-                (batch, pool.submit(canonicalize_all, [(r.text, r.molblock) for r in batch]))
-            )
+            items = [(r.text, r.molblock) for r in batch]
+            window.append((batch, pool.submit(canonicalize_all, items)))
             if len(window) >= 2 * processes:
-                started = time.perf_counter()
-                done, future = window.popleft()
-                results = future.result()
-                seconds["canonicalize"] += time.perf_counter() - started
-                yield done, results
+                yield oldest()
         while window:
-            started = time.perf_counter()
-            done, future = window.popleft()
-            results = future.result()
-            seconds["canonicalize"] += time.perf_counter() - started
-            yield done, results
+            yield oldest()
 
 
 def _batches(records: Iterable[RawRecord], size: int) -> Iterable[list[RawRecord]]:
