@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
+from ingest.text import TextSource, open_text
 from medbatch.errors import InputError
 
 Format = Literal["smi", "csv", "tsv", "sdf"]
@@ -72,29 +72,26 @@ class LibraryReader:
         self.smiles_column = smiles_column
         self.id_column = id_column
         self.size = self.path.stat().st_size
-        self._raw: IO[bytes] | None = None
+        self._source: TextSource | None = None
         self._text: IO[str] | None = None
 
     def __enter__(self) -> LibraryReader:
-        raw = self.path.open("rb")
-        self._raw = raw
-        magic = raw.read(2)
-        raw.seek(0)
-        binary: IO[bytes] = (
-            gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw  # type: ignore[assignment]
-        )
-        self._text = io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="")
+        # gzip, a byte-order mark and UTF-16 are handled where every reader opens its text.
+        self._source = open_text(self.path)
+        self._text = self._source.text(errors="replace")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._text is not None:
             self._text.close()
-        if self._raw is not None:
-            self._raw.close()
+        if self._source is not None:
+            self._source.close()
 
     def progress(self) -> int:
         """Bytes of the file on disk consumed so far."""
-        return self._raw.tell() if self._raw is not None and not self._raw.closed else self.size
+        if self._source is None or self._source.stream.closed:
+            return self.size
+        return self._source.progress()
 
     def __iter__(self) -> Iterator[RawRecord]:
         if self._text is None:

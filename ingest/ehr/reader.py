@@ -15,13 +15,12 @@ number, and accepted rows are numbered around them.
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +41,7 @@ from ingest.ehr.schema import (
     parse_wide_header,
     variable,
 )
+from ingest.text import open_text, read_first_line
 from medbatch.errors import InputError
 
 #: Index of each variable in :data:`VARIABLES` order: the compact code accepted rows carry.
@@ -301,42 +301,22 @@ def _check_wide_block(
     return block, line
 
 
-class _CountingFile(io.RawIOBase):
-    """A read-only file that reports how many bytes the CSV reader has consumed (progress)."""
-
-    def __init__(self, path: Path, on_bytes: Callable[[int], None]) -> None:
-        self._fh = path.open("rb")
-        self._on_bytes = on_bytes
-        self._done = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self._fh.readinto(buffer)
-        self._done += n or 0
-        self._on_bytes(self._done)
-        return n or 0
-
-    def close(self) -> None:
-        self._fh.close()
-        super().close()
-
-
-def _source(path: Path, on_bytes: Callable[[int], None] | None) -> io.BufferedReader:
-    """The file as a Python stream. Not the path: given a path, pyarrow's streaming reader reads
+def _source(path: Path, on_bytes: Callable[[int], None] | None) -> BinaryIO:
+    """The file as a Python stream of UTF-8 bytes (gzip undone, a byte-order mark dropped, UTF-16
+    transcoded: :mod:`ingest.text`). Not the path: given a path, pyarrow's streaming reader reads
     ahead without bound (measured: a 200 MB extract entirely in memory before the first block
     was handed over); from a stream it reads one block at a time, as fast."""
-    return io.BufferedReader(_CountingFile(path, on_bytes or (lambda _: None)), 1 << 20)
+    return open_text(path, on_bytes=on_bytes).stream
+
+
+def _header(path: Path) -> list[str]:
+    """The header line's fields, as every reader of the file sees them."""
+    return next(csv.reader([read_first_line(path)]), [])
 
 
 def detect_format(path: Path) -> str:
     """``long`` or ``wide`` from the header line; anything else is not an extract."""
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            header = [h.strip().lower() for h in next(csv.reader(f), [])]
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path.name}: not a UTF-8 text CSV extract ({exc.reason})") from exc
+    header = [h.strip().lower() for h in _header(path)]
     if header[: len(LONG_COLUMNS)] == list(LONG_COLUMNS):
         return "long"
     if header[:2] == list(WIDE_KEY_COLUMNS) and len(header) > 2:
@@ -369,8 +349,7 @@ def read_wide(
 ) -> Iterator[LongBlock]:
     """Yield validated blocks of a wide extract (``patient_id,timestamp,<variable> (<unit>)…``)
     as measurements, one per filled cell; a row with any bad cell is rejected whole."""
-    with path.open(newline="") as f:
-        header = next(csv.reader(f), [])
+    header = _header(path)
     if [h.strip() for h in header[:2]] != list(WIDE_KEY_COLUMNS) or len(header) < 3:
         raise InputError(
             f"{path.name}: not a wide extract: the header must start with "

@@ -22,6 +22,7 @@ from db.models import Job, JobKind, JobState
 from db.session import session_scope
 from ingest.ehr.reader import detect_format
 from ingest.files import file_sha256
+from ingest.text import text_size
 from medbatch.errors import ExtractRejectedError, InputError
 from medbatch.settings import Settings
 
@@ -114,6 +115,7 @@ def submit_extract(
             "path": str(path),
             "file_sha256": sha,
             "size_bytes": stat.st_size,
+            "text_bytes": text_size(path),
             "mtime_ns": stat.st_mtime_ns,
             "format": fmt,
             "models": model_versions(settings),

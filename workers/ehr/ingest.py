@@ -136,7 +136,8 @@ def _ingest(self: Task, job_id: int, settings: Settings) -> str:
 
     reset_peak_rss()
     rss_start = current_rss_mb()
-    n = bucket_count(job.params["size_bytes"], settings.ehr_bucket_bytes, settings.ehr_max_buckets)
+    text_bytes = job.params.get("text_bytes", job.params["size_bytes"])  # gzip: uncompressed
+    n = bucket_count(text_bytes, settings.ehr_bucket_bytes, settings.ehr_max_buckets)
     spill = BucketSpill(settings.ehr_spool_dir / f"extract-{extract_id}", n)
     started = time.perf_counter()
     try:
