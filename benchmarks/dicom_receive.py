@@ -186,7 +186,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from medbatch.settings import Settings
+    from core.settings import Settings
     from medbatch.stack.embedded import EmbeddedStack
     from medbatch.stack.process import free_port
 

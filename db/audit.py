@@ -21,8 +21,8 @@ from typing import Any
 from sqlalchemy import CursorResult, insert, select, update
 from sqlalchemy.orm import Session
 
+from core.errors import AuditChainError
 from db.models import AuditEvent, AuditHead, utcnow
-from medbatch.errors import AuditChainError
 
 GENESIS_HASH = "0" * 64
 

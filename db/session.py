@@ -52,7 +52,10 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (no deadlock upgrading a read); a read-only
+            # session (read_scope) begins deferred: in WAL mode it never blocks a writer.
+            deferred = conn.get_execution_options().get("medbatch_read_only", False)
+            conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **_JSON)
@@ -72,6 +75,19 @@ def dispose_all() -> None:
     for engine in _ENGINES.values():
         engine.dispose(close=False)
     _ENGINES.clear()
+
+
+@contextmanager
+def read_scope(url: str) -> Iterator[Session]:
+    """A read-only transaction for long reads (exports streaming millions of rows): on SQLite it
+    takes no write lock, so workers keep committing meanwhile. Write nothing in it."""
+    engine = get_engine(url).execution_options(medbatch_read_only=True)
+    session = sessionmaker(bind=engine, expire_on_commit=False)()
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()
 
 
 @contextmanager

@@ -22,8 +22,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from core.errors import ConfigurationError, InstanceRefusedError
+from core.job_kinds import JobKind
+from core.settings import Settings
 from db import audit
-from db.models import DicomRejection, JobKind
+from db.models import DicomRejection
 from db.session import session_scope
 from ingest.dicom.access import AccessPolicy
 from ingest.dicom.completion import close_quiet_studies
@@ -33,8 +36,6 @@ from ingest.dicom.validate import (
     STATUS_SUCCESS,
     inspect_instance,
 )
-from medbatch.errors import ConfigurationError, InstanceRefusedError
-from medbatch.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
+from core.settings import Settings
 from db import audit
+from db.insert_ignore import insert_ignore
 from db.models import DicomInstance, DicomStudy, utcnow
 from db.session import session_scope
-from db.upsert import insert_ignore
 from ingest.dicom.validate import ReceivedInstance
-from medbatch.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import pydicom
 from pydicom.encaps import generate_fragments
 from pydicom.uid import UID
 
+from core.errors import InstanceRefusedError
 from db.audit import subject_digest
-from medbatch.errors import InstanceRefusedError
 
 #: C-STORE statuses (PS3.4 Annex B.2.3); failures make a PACS retry or report the object.
 STATUS_SUCCESS = 0x0000

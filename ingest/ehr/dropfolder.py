@@ -15,13 +15,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from core.errors import ExtractRejectedError, InputError
+from core.settings import Settings
+from db.insert_ignore import insert_ignore
 from db.models import EhrDropFile
 from db.session import session_scope
-from db.upsert import insert_ignore
 from ingest.ehr.submit import Publisher, submit_extract
 from ingest.files import file_sha256
-from medbatch.errors import ExtractRejectedError, InputError
-from medbatch.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import csv as pacsv
 
+from core.errors import InputError
 from ingest.ehr.schema import (
     LONG_COLUMNS,
     VARIABLES,
@@ -42,7 +43,6 @@ from ingest.ehr.schema import (
     variable,
 )
 from ingest.text import open_text, read_first_line
-from medbatch.errors import InputError
 
 #: Index of each variable in :data:`VARIABLES` order: the compact code accepted rows carry.
 VARIABLE_CODES: dict[str, int] = {name: i for i, name in enumerate(VARIABLES)}

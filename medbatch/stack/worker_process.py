@@ -7,14 +7,14 @@ import sys
 import uuid
 from pathlib import Path
 
-from medbatch.settings import Settings
+from core.settings import Settings
 from medbatch.stack.process import ManagedProcess
 
 
 def use_settings(settings: Settings) -> None:
     """Make this process use ``settings`` too (tests and benchmarks that start a private stack):
     its environment, the cached settings, and the Celery app it publishes with."""
-    from medbatch.settings import get_settings
+    from core.settings import get_settings
     from workers.celery_app import app, reconfigure
 
     os.environ.update(

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from core.settings import Settings
 from db.models import AuditEvent, DicomInstance, DicomStudy, Job, JobState, utcnow
 from db.session import session_scope
 from ingest.dicom.completion import close_quiet_studies
 from ingest.dicom.store import relative_path, store_instance
 from ingest.dicom.validate import inspect_instance
-from medbatch.settings import Settings
 from tests.dicom_data import make_series
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
