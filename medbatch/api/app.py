@@ -112,6 +112,9 @@ def create_app(settings: Settings) -> FastAPI:
         "follow, fetch results. Every route but /healthz needs a bearer token "
         "(`medbatch token create NAME --scope read|submit|admin`).",
         root_path=settings.api_root_path,
+        openapi_url=None,  # served below, behind a token like everything but /healthz
+        docs_url=None,  # Swagger UI would load its scripts from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     metrics = Metrics()

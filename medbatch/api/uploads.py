@@ -3,6 +3,7 @@ size limit, fsync'd and kept under its content hash, so the same content is the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -26,6 +27,14 @@ class Upload:
     sha256: str
     size: int
     fields: dict[str, str] = field(default_factory=dict)
+    created: bool = True  # False: the same content was uploaded before (and may be in use)
+
+    def discard(self) -> None:
+        """Remove a file this request stored, when it was refused before any job used it."""
+        if self.created:
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
 
 
 def safe_filename(name: str | None) -> str:
@@ -131,6 +140,7 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
     sha = sink.digest.hexdigest()
     final = settings.upload_dir / sha / name
     final.parent.mkdir(parents=True, exist_ok=True)
+    created = not final.exists()
     os.replace(sink.path, final)  # the same content twice at once: the same bytes either way
     _fsync_dir(final.parent)
-    return Upload(final, name, sha, sink.size, fields)
+    return Upload(final, name, sha, sink.size, fields, created)

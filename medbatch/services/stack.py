@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -33,12 +34,18 @@ def running_stack(
     )
 
 
-def prepare_submission(settings: Settings) -> None:
-    """What a submission needs before it stores anything: the schema migrated and the broker
-    answering (a job whose message cannot be published would wait for the sweeper)."""
-    from db.migrate import upgrade
+_migrated: set[str] = set()
+_migrating = threading.Lock()
 
-    upgrade(settings.database_url)
+
+def prepare_submission(settings: Settings) -> None:
+    """What a submission needs before it stores anything: the schema migrated (once per
+    process: Alembic is not thread-safe, and the API submits from several threads) and the
+    broker answering (a job whose message cannot be published would wait for the sweeper)."""
+    with _migrating:
+        if settings.database_url not in _migrated:
+            migrate(settings)
+            _migrated.add(settings.database_url)
     if not ping(settings.broker_url):
         raise MedbatchError(
             f"Redis at {settings.broker_url} does not answer; start the stack with `medbatch up`"

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from core.errors import SubmissionInProgressError
+from core.errors import InputError, SubmissionInProgressError
 from core.settings import Settings
 from medbatch.api.auth import Submitter, settings_of
 from medbatch.api.problems import HttpProblem
@@ -30,6 +30,7 @@ router = APIRouter(prefix="/api/v1", tags=["submissions"])
 #: they are canonicalised); a few at once, the rest wait their turn.
 _READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medbatch-submit")
 _RACE_WAIT_S = 30.0
+_EARLY_ANSWER_S = 2.0
 
 
 def _flag(fields: dict[str, str], name: str) -> bool:
@@ -99,7 +100,11 @@ async def post_library(request: Request, token: Submitter) -> JSONResponse:
     the same file and options. The rows are read after the answer; poll the job."""
     settings = settings_of(request)
     upload = await receive_upload(request, settings)
-    options = _screen_options(upload.fields)
+    try:
+        options = _screen_options(upload.fields)
+    except HttpProblem:
+        upload.discard()
+        raise
     loop = asyncio.get_running_loop()
     registered: asyncio.Future[int] = loop.create_future()
 
@@ -120,9 +125,18 @@ async def post_library(request: Request, token: Submitter) -> JSONResponse:
     reading: Future[Any] = _READERS.submit(run)
     reading.add_done_callback(_log_failure)
     wrapped = asyncio.wrap_future(reading)
-    done, _ = await asyncio.wait({wrapped, registered}, return_when=asyncio.FIRST_COMPLETED)
-    if wrapped in done:
-        result = wrapped.result()  # raises: the file was refused before a job existed
+    await asyncio.wait({wrapped, registered}, return_when=asyncio.FIRST_COMPLETED)
+    if not wrapped.done():
+        # A file refused at its first lines (not text, no SMILES column) fails within moments:
+        # answer that with the rejected job rather than 201 and a job that is about to fail.
+        await asyncio.wait({wrapped}, timeout=_EARLY_ANSWER_S)
+    if wrapped.done():
+        try:
+            result = wrapped.result()
+        except InputError as exc:
+            if registered.done():
+                raise HttpProblem(422, str(exc), job_id=registered.result()) from exc
+            raise
         job_id, existing = result.job_id, result.existing
     else:
         job_id, existing = registered.result(), False
@@ -143,9 +157,15 @@ async def post_extract(request: Request, token: Submitter) -> JSONResponse:
     not an extract."""
     settings = settings_of(request)
     upload = await receive_upload(request, settings)
-    if unknown := set(upload.fields) - {"force"}:
-        raise HttpProblem(422, f"unknown form field(s) {', '.join(sorted(unknown))}; known: force")
-    force = _flag(upload.fields, "force")
+    try:
+        if unknown := set(upload.fields) - {"force"}:
+            raise HttpProblem(
+                422, f"unknown form field(s) {', '.join(sorted(unknown))}; known: force"
+            )
+        force = _flag(upload.fields, "force")
+    except HttpProblem:
+        upload.discard()
+        raise
     result = await run_in_threadpool(
         _retrying,
         lambda: submit_extract(settings, upload.path, actor=token.actor, force=force),

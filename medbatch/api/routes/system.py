@@ -50,6 +50,13 @@ def metrics(request: Request, _: Reader) -> Response:
     )
 
 
+@router.get("/openapi.json", include_in_schema=False)
+def openapi(request: Request, _: Reader) -> dict[str, Any]:
+    """The OpenAPI schema of this API."""
+    schema: dict[str, Any] = request.app.openapi()
+    return schema
+
+
 @router.get("/api/v1/audit/verify", tags=["audit"])
 def audit_verify(request: Request, _: Reader) -> dict[str, Any]:
     """Walk the audit hash chain: ``ok``, or the first broken link and why."""
