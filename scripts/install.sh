@@ -25,4 +25,13 @@ if ! command -v storescu >/dev/null; then
     echo "warning: DCMTK is not installed (apt-get install dcmtk); the DICOM tests need it" >&2
   fi
 fi
+# systemd-analyze: the tests verify deploy/systemd/medbatch.service with systemd's own parser.
+if ! command -v systemd-analyze >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd >/dev/null; }
+  else
+    echo "warning: systemd-analyze is not installed (apt-get install systemd); a deploy test needs it" >&2
+  fi
+fi
 .venv/bin/python -c 'import torch, torch_geometric, rdkit, tritonclient.grpc, pytriton; print("medbatch installed: torch", torch.__version__)'
