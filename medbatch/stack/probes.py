@@ -13,7 +13,10 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from sqlalchemy import text
+
 from core.settings import Settings, local_host
+from db.session import read_scope
 from medbatch.stack import redis_server, triton_server
 from medbatch.stack.process import port_open
 
@@ -38,10 +41,6 @@ def redacted_url(url: str) -> str:
 
 
 def database(settings: Settings) -> Probe:
-    from sqlalchemy import text
-
-    from db.session import read_scope
-
     try:
         with read_scope(settings.database_url) as session:
             session.execute(text("SELECT 1"))
@@ -103,7 +102,7 @@ def api(settings: Settings) -> Probe:
 def worker_pings(broker_url: str, timeout: float = TIMEOUT_S) -> dict[str, bool]:
     """Celery node name → answered ``ping`` over the broker's remote-control channel (ask only
     when Redis answers: a broker that is down makes kombu retry)."""
-    from celery import Celery
+    from celery import Celery  # here: the CLI starts without loading Celery
 
     app = Celery("medbatch-probe", broker=broker_url, set_as_current=False)
     try:
