@@ -1,11 +1,11 @@
 """Supervision of the processes ``medbatch up`` started: a process that exits is restarted after
 an exponential back-off; one that exits more often than the restart budget allows within the
 window makes supervision give up, so that ``up`` stops everything and exits non-zero and an
-outer supervisor (systemd) notices. A service ``up`` did not start (an external Redis or Triton)
-is probed and reported, never restarted.
+outer supervisor (systemd) notices. A service ``up`` did not start (a Redis, Triton or API that
+answered already) is probed and reported, never restarted.
 
 Every exit, restart and give-up is logged and audited; the state of every part is written to the
-state file (:mod:`medbatch.stack.state`) for ``medbatch status``.
+state file (:mod:`medbatch.stack.state`) for ``medbatch status`` and the API's ``/readyz``.
 """
 
 from __future__ import annotations

@@ -32,14 +32,21 @@ from medbatch.stack.worker_process import settings_env
 
 
 def _nothing_running(tmp: Path, **overrides: object) -> Settings:
-    return Settings(  # type: ignore[call-arg]
-        storage_dir=tmp,
-        broker_url=f"redis://:secret@127.0.0.1:{free_port()}/0",
-        triton_http_port=free_port(),
-        dicom_port=free_port(),
-        api_port=free_port(),
-        **overrides,
-    )
+    """Every setting the status depends on, given (the session's stack exports its own)."""
+    values: dict[str, object] = {
+        "storage_dir": tmp,
+        "database_url": f"sqlite:///{tmp / 'medbatch.db'}",
+        "broker_url": f"redis://:secret@127.0.0.1:{free_port()}/0",
+        "triton_host": "127.0.0.1",
+        "triton_http_port": free_port(),
+        "dicom_bind_address": "127.0.0.1",
+        "dicom_port": free_port(),
+        "dicom_allowed_aes": "",
+        "dicom_allow_any_ae": False,
+        "api_bind_address": "127.0.0.1",
+        "api_port": free_port(),
+    }
+    return Settings(**(values | overrides))  # type: ignore[arg-type]
 
 
 def _dead_pid() -> int:
