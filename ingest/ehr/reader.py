@@ -15,6 +15,7 @@ number, and accepted rows are numbered around them.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,7 +60,11 @@ class Rejection:
 
 @dataclass
 class LongBlock:
-    """The accepted measurements of one block (values in canonical units) and its rejections."""
+    """The accepted measurements of one block (values in canonical units) and its rejections.
+
+    A FHIR export also reports what was read but is neither a measurement nor an error:
+    ``skipped`` (reason → resources: ``status entered-in-error``, …), ``unknown_codes`` (code →
+    Observations of things no model uses) and ``counts`` (resources, patients, …)."""
 
     lines: npt.NDArray[np.int64]
     patient_id: pa.Array
@@ -67,6 +72,9 @@ class LongBlock:
     variable: npt.NDArray[np.int8]
     value: npt.NDArray[np.float64]
     rejections: list[Rejection] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    unknown_codes: Counter[str] = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -315,7 +323,14 @@ def _header(path: Path) -> list[str]:
 
 
 def detect_format(path: Path) -> str:
-    """``long`` or ``wide`` from the header line; anything else is not an extract."""
+    """``long`` or ``wide`` from the header line, ``fhir`` for a Bulk Data export (a folder, a
+    .zip or .tar of one, or NDJSON; :mod:`ingest.ehr.fhir_export`); anything else is not an
+    extract."""
+    from ingest.ehr.fhir_export import looks_like_export, open_export
+
+    if looks_like_export(path):
+        open_export(path)  # raises, saying why, when it holds nothing to score
+        return "fhir"
     header = [h.strip().lower() for h in _header(path)]
     if header[: len(LONG_COLUMNS)] == list(LONG_COLUMNS):
         return "long"
@@ -324,7 +339,8 @@ def detect_format(path: Path) -> str:
     raise InputError(
         f"{path.name}: not an EHR extract: the header must be "
         f"'{','.join(LONG_COLUMNS)}' (long format) or start with "
-        f"'{','.join(WIDE_KEY_COLUMNS)}' followed by '<variable> (<unit>)' columns (wide format)"
+        f"'{','.join(WIDE_KEY_COLUMNS)}' followed by '<variable> (<unit>)' columns (wide format), "
+        "or it must be a FHIR Bulk Data export (a folder, .zip or .tar of NDJSON files)"
     )
 
 
@@ -335,13 +351,18 @@ def read_extract(
     block_size: int = 8 << 20,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[LongBlock]:
-    """Validated blocks of a long or wide extract (``fmt`` None: from the header)."""
+    """Validated blocks of a long or wide extract or a FHIR export (``fmt`` None: from the
+    content)."""
     fmt = fmt or detect_format(path)
     if fmt == "long":
         return read_long(path, block_size=block_size, on_bytes=on_bytes)
     if fmt == "wide":
         return read_wide(path, block_size=block_size, on_bytes=on_bytes)
-    raise InputError(f"unknown extract format {fmt!r}: long or wide")
+    if fmt == "fhir":
+        from ingest.ehr.fhir_reader import NDJSON_BLOCK_FACTOR, read_fhir
+
+        return read_fhir(path, block_size=block_size * NDJSON_BLOCK_FACTOR, on_bytes=on_bytes)
+    raise InputError(f"unknown extract format {fmt!r}: long, wide or fhir")
 
 
 def read_wide(
