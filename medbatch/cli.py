@@ -259,6 +259,9 @@ def demo_ehr(
     work: Annotated[Path, typer.Option(help="Where the extract and outputs go.")] = Path(
         "var/demo-ehr"
     ),
+    fmt: Annotated[
+        str, typer.Option("--format", help="long (a CSV extract) or fhir (a $export folder).")
+    ] = "long",
 ) -> None:
     """Nightly EHR scoring end to end: a synthetic extract with broken rows is scored by both
     models; results CSV, an HTML report with attention per patient, and AUROC vs the truth."""
@@ -267,13 +270,22 @@ def demo_ehr(
     from medbatch.ehr_command import submit_and_follow, summary_table, truth_check
     from medbatch.reports.ehr import render_ehr_report
     from medbatch.stack.embedded import EmbeddedStack
-    from medbatch.synth.ehr import write_long_csv
+    from medbatch.synth.ehr import SynthStats, write_long_csv
 
     s = _settings()
     ok = lambda m: console.print(f"[green]✓[/] {m}")  # noqa: E731
     work.mkdir(parents=True, exist_ok=True)
-    extract = work / "extract.csv"
-    stats = write_long_csv(extract, patients, seed=2026, messiness=0.02)
+    if fmt not in ("long", "fhir"):
+        raise _fail(ValueError(f"unknown format {fmt!r}; choose long or fhir"))
+    stats: SynthStats
+    if fmt == "fhir":
+        from medbatch.synth.ehr_fhir import write_fhir_export
+
+        extract = work / "export"
+        stats = write_fhir_export(extract, patients, seed=2026, messiness=0.02)
+    else:
+        extract = work / "extract.csv"
+        stats = write_long_csv(extract, patients, seed=2026, messiness=0.02)
     ok(f"wrote {extract}: {stats.rows:,} rows, {stats.broken_rows:,} of them broken on purpose")
     try:
         with EmbeddedStack(s, workers=1, beat=True, report=ok):
@@ -332,10 +344,14 @@ def studies(
 # --- EHR -------------------------------------------------------------------------------------
 @app.command("synth-ehr")
 def synth_ehr(
-    out_file: Annotated[Path, typer.Argument(help="The extract to write (.csv).")],
+    out_file: Annotated[
+        Path, typer.Argument(help="The extract to write (.csv; a folder for --format fhir).")
+    ],
     patients: Annotated[int, typer.Option(help="Patients to generate.")] = 1000,
     seed: Annotated[int, typer.Option(help="Same seed, same file (byte for byte).")] = 0,
-    fmt: Annotated[str, typer.Option("--format", help="long or wide.")] = "long",
+    fmt: Annotated[
+        str, typer.Option("--format", help="long, wide, or fhir (a Bulk Data $export folder).")
+    ] = "long",
     messiness: Annotated[
         float, typer.Option(help="Share of broken rows (typos, bad units, impossible values).")
     ] = 0.02,
@@ -521,9 +537,10 @@ def ehr(
     extract: Annotated[
         Path,
         typer.Argument(
-            help="A long (patient_id,timestamp,variable,value,unit) or wide CSV extract.",
+            help="A long (patient_id,timestamp,variable,value,unit) or wide CSV extract, or a "
+            "FHIR Bulk Data $export (folder, .zip or .tar of NDJSON files).",
             exists=True,
-            dir_okay=False,
+            dir_okay=True,
         ),
     ],
     force: Annotated[bool, typer.Option(help="Score again even if this content was.")] = False,

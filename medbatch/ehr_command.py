@@ -116,6 +116,11 @@ def summary_table(s: Settings, extract_id: int) -> Table:
         table.add_row("rows rejected", f"{c.get('rejected_rows', 0):,}")
         for kind, n in sorted(c.get("rejected_by_kind", {}).items()):
             table.add_row(f"  {kind.replace('_', ' ')}", f"{n:,}")
+        for reason, n in c.get("skipped", {}).items():  # FHIR: not results, not errors
+            table.add_row(f"skipped: {reason}", f"{n:,}")
+        if unknown := c.get("unknown_codes", {}):
+            shown = ", ".join(f"{code} ×{n:,}" for code, n in list(unknown.items())[:5])
+            table.add_row("observations of codes no model uses", shown)
         table.add_row("patients scored", f"{patients:,}")
         table.add_row("out-of-distribution profiles", f"{ood:,}")
         table.add_row("scoring batches", str(c.get("buckets", 0)))

@@ -387,9 +387,7 @@ def _manifest_files(
                     f"{where}: the manifest lists {url} ({kind}), which is not in the export"
                 )
         count = item.get("count")
-        files.append(
-            ExportFile(name, kind, sizes[name], count if isinstance(count, int) else None)
-        )
+        files.append(ExportFile(name, kind, sizes[name], count if isinstance(count, int) else None))
     return files
 
 

@@ -30,6 +30,7 @@ own line number: ``Observation-2.ndjson, line 1,234: no subject (the patient)``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -181,6 +182,10 @@ def _line_index(buf: bytes) -> _Lines:
 
 
 # ------------------------------------------------------------------------------- patients
+#: 64-bit hash of an identifier; Python's own (seeded per process: the index lives in one).
+_hash = hash
+
+
 class PatientIndex:
     """Birth date and sex by Patient id, for every Patient of the export, in ~17 bytes plus the
     identifier per patient: ids sorted by a 64-bit hash (searched with numpy, confirmed by
@@ -200,7 +205,7 @@ class PatientIndex:
         self._parts.append(
             (
                 pa.array([r.patient_id for r in records], pa.string()),
-                np.fromiter((hash(r.patient_id) for r in records), np.int64, len(records)),
+                np.fromiter((_hash(r.patient_id) for r in records), np.int64, len(records)),
                 np.fromiter(
                     (
                         _NO_BIRTH if r.birth_date is None else (r.birth_date - epoch).days
@@ -254,7 +259,7 @@ class PatientIndex:
         """Index of each id in the index, or -1."""
         if not len(self.hashes) or not ids:
             return np.full(len(ids), -1, dtype=np.int64)
-        h = np.fromiter((hash(i) for i in ids), np.int64, len(ids))
+        h = np.fromiter((_hash(i) for i in ids), np.int64, len(ids))
         pos = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
         candidate = self.hashes[pos] == h
         same = pc.equal(self.ids.take(pa.array(pos)), pa.array(ids, pa.string()))
@@ -497,10 +502,8 @@ def _parse_times(text: pa.Array) -> npt.NDArray[np.int64]:
         us[rows[exact]] = utc[exact]
         common[rows[~exact]] = False
     for k in np.flatnonzero(~common).tolist():
-        try:
+        with contextlib.suppress(UnparseableTime):
             us[k] = np.datetime64(parse_fhir_time(distinct[k].as_py()), "us").astype(np.int64)
-        except UnparseableTime:
-            pass
     idx = _np(pc.fill_null(encoded.indices, len(distinct)))
     return us[idx]
 
@@ -695,24 +698,41 @@ def _is_json(raw: bytes | memoryview) -> bool:
     return True
 
 
+_SMALLEST_SPLIT = 32
+
+
+def _split_parse(buf: bytes, lines: _Lines, ks: Any) -> list[tuple[pa.Table, Any]]:
+    """Parsed pieces of lines ``ks``: halves are tried until a failing piece is small (its
+    lines then go to the reference checks). A few bad lines cost a few parses each."""
+    table = _parse_block(_joined(buf, lines, ks))
+    if table is not None and table.num_rows == len(ks):
+        return [(table, ks)]
+    if len(ks) <= _SMALLEST_SPLIT:
+        return []
+    mid = len(ks) // 2
+    return _split_parse(buf, lines, ks[:mid]) + _split_parse(buf, lines, ks[mid:])
+
+
 def _bulk(buf: bytes, lines: _Lines, solid: Any) -> tuple[pa.Table | None, Any]:
-    """The lines pyarrow can take in one parse, and that parse. Lines that are not one JSON
-    object each are left out first; when the parse still fails (a broken line that looks whole,
-    a string where a number belongs), lines orjson refuses too; failing again, none."""
+    """The lines pyarrow can take in bulk, and their parse. Lines that are not one JSON object
+    each are left out first; when the parse still fails, lines orjson refuses (a broken line
+    that looks whole); then lines in pieces that fail (a string where a number belongs)."""
     bulk = solid[lines.shaped[solid]]
     if not len(bulk):
         return None, bulk
     table = _parse_block(_joined(buf, lines, bulk))
-    if table is None:
-        view = memoryview(buf)
-        bulk = np.array(
-            [k for k in bulk.tolist() if _is_json(view[lines.starts[k] : lines.ends[k]])],
-            dtype=np.int64,
-        )
-        table = _parse_block(_joined(buf, lines, bulk)) if len(bulk) else None
-    if table is None or table.num_rows != len(bulk):
+    if table is not None and table.num_rows == len(bulk):
+        return table, bulk
+    view = memoryview(buf)
+    bulk = np.array(
+        [k for k in bulk.tolist() if _is_json(view[lines.starts[k] : lines.ends[k]])],
+        dtype=np.int64,
+    )
+    pieces = _split_parse(buf, lines, bulk) if len(bulk) else []
+    if not pieces:
         return None, bulk[:0]
-    return table, bulk
+    table = pa.concat_tables([t for t, _ in pieces])
+    return table, np.concatenate([ks for _, ks in pieces])
 
 
 def _observation_chunk(
@@ -721,7 +741,8 @@ def _observation_chunk(
     block = _new_block()
     acc = _Accepted()
     solid = np.flatnonzero(~lines.blank)
-    block.skipped["blank line"] += int(lines.blank.sum())
+    if blank := int(lines.blank.sum()):
+        block.skipped["blank line"] += blank
     block.counts["resources"] += len(solid)
     table, bulk = _bulk(buf, lines, solid) if vectorised else (None, solid[:0])
     if table is None:

@@ -167,7 +167,10 @@ def _codings(concept: Any) -> list[tuple[str | None, str | None]]:
         if isinstance(c, dict):
             system, code = c.get("system"), c.get("code")
             out.append(
-                (system if isinstance(system, str) else None, code if isinstance(code, str) else None)
+                (
+                    system if isinstance(system, str) else None,
+                    code if isinstance(code, str) else None,
+                )
             )
     return out
 
@@ -274,9 +277,8 @@ def resolve_unit(name: str, system: Any, code: Any, unit: Any) -> str:
         except UnknownUnit:
             continue
         return candidate
-    given = " / ".join(
-        repr(x) for x in (code if isinstance(code, str) else None, unit) if isinstance(x, str)
-    )
+    shown = dict.fromkeys(x for x in (code, unit) if isinstance(x, str))  # once if equal
+    given = " / ".join(repr(x) for x in shown)
     accepted = ", ".join(u if u else "'' (none)" for u in v.accepted_units)
     raise UnknownUnit(f"unknown unit {given or '(none)'} for {name}; accepted: {accepted}")
 

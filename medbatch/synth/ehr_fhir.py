@@ -183,17 +183,13 @@ def _category(kind: str) -> list[dict[str, Any]]:
     ]
 
 
-_CATEGORIES = {
-    k: _category(k) for k in (_CATEGORY_LAB, _CATEGORY_VITAL, "social-history")
-}
+_CATEGORIES = {k: _category(k) for k in (_CATEGORY_LAB, _CATEGORY_VITAL, "social-history")}
 
 
 class _Export:
     """The export folder: Patient and Observation files, the manifest, the sidecars."""
 
-    def __init__(
-        self, out: Path, n_patients: int, per_file: int, compress: bool
-    ) -> None:
+    def __init__(self, out: Path, n_patients: int, per_file: int, compress: bool) -> None:
         self.out = out
         self.per_file = per_file
         self.compress = compress
@@ -207,7 +203,7 @@ class _Export:
     def _open(self, name: str) -> IO[bytes]:
         path = self.out / name
         if self.compress:  # mtime 0: the same bytes for the same arguments
-            return gzip.GzipFile(str(path), "wb", compresslevel=6, mtime=0)
+            return gzip.GzipFile(str(path), "wb", compresslevel=6, mtime=0)  # type: ignore[return-value]
         return path.open("wb")
 
     def observation(self, line: bytes) -> tuple[int, str, int]:
@@ -285,7 +281,10 @@ class _PatientWriter:
             if "smoker" in measured:
                 answer = _SMOKER[int(visit.values["smoker"])][int(self.rng.integers(2))]
                 res = self._base(
-                    {"coding": [{"system": LOINC, "code": "72166-2"}], "text": "Tobacco smoking status"},
+                    {
+                        "coding": [{"system": LOINC, "code": "72166-2"}],
+                        "text": "Tobacco smoking status",
+                    },
                     "social-history",
                     visit.when,
                 )
@@ -344,7 +343,9 @@ class _PatientWriter:
                     yield wrong, [], False
                 yield res, parts, breakable
 
-    def maybe_break(self, res: dict[str, Any], parts: list[tuple[str, str]]) -> tuple[bytes, str | None]:
+    def maybe_break(
+        self, res: dict[str, Any], parts: list[tuple[str, str]]
+    ) -> tuple[bytes, str | None]:
         """The line, broken with one defect at rate ``messiness``."""
         if self.rng.random() >= self.messiness:
             return _dumps(res), None
@@ -471,9 +472,7 @@ def write_fhir_export(
                 else:
                     valid += 1
                     measurements += len(parts)
-                    converted += sum(
-                        1 for v, u in parts if u and not _spec(v, u)[0].is_identity
-                    )
+                    converted += sum(1 for v, u in parts if u and not _spec(v, u)[0].is_identity)
                     visit_ok.add(res["effectiveDateTime"])
             measurements += 2 * len(visit_ok)  # an age and a sex per visit, from the Patient
         export.close_file()
