@@ -55,12 +55,12 @@ def _awkward(pid: str) -> bytes:
         {
             "code": {"coding": [None, {"system": LOINC, "code": "8480-6"}]},
             "valueQuantity": {"value": 141, "unit": "mm[Hg]"},
-        },  # noqa: E501
+        },
         {
             "code": {"coding": [{"system": LOINC, "code": "8462-4"}]},
             "valueQuantity": {"value": 88, "unit": "mmHg"},
-        },  # noqa: E501
-        {"code": {"coding": [{"system": LOINC, "code": "8478-0"}]}, "valueQuantity": {"value": 99}},  # noqa: E501
+        },
+        {"code": {"coding": [{"system": LOINC, "code": "8478-0"}]}, "valueQuantity": {"value": 99}},
     ]
     bad_panel = orjson.loads(j(panel))
     bad_panel["component"][2]["valueQuantity"]["value"] = 5
@@ -87,7 +87,7 @@ def _awkward(pid: str) -> bytes:
                 effectivePeriod={"end": "2020-06-02"},
                 issued="2020-06-03T08:00:00.25-03:00",
             )
-        ),  # noqa: E501
+        ),
         j(_obs(pid, effectiveDateTime="2020-06-01T10:00:00+14:00")),
         j(_obs(pid, effectiveDateTime="2020-06-01T10:00:00+15:00")),
         j(_obs(pid, effectiveDateTime="2020-06-01")),
@@ -109,14 +109,14 @@ def _awkward(pid: str) -> bytes:
                     ]
                 },
             }
-        ),  # noqa: E501
+        ),
         j({**_obs(pid), "code": {"text": "HbA1c, no coding"}}),
         j(
             {
                 **_obs(pid),
                 "code": {"coding": [{"system": "urn:oid:2.16.840.1.113883.6.1", "code": "4548-4"}]},
             }
-        ),  # noqa: E501
+        ),
         j(_obs(pid, valueQuantity={"value": 150, "comparator": "<", "unit": "mg/dL"})),
         j(
             _obs(
@@ -129,7 +129,7 @@ def _awkward(pid: str) -> bytes:
                     "code": "MGDL",
                 },
             )
-        ),  # noqa: E501
+        ),
         j(_obs(pid, code="2345-7", valueQuantity={"value": 150, "code": "mg/dL"})),
         j(_obs(pid, code="2345-7", valueQuantity={"value": 150})),
         j(panel),
@@ -145,7 +145,7 @@ def _awkward(pid: str) -> bytes:
                     ]
                 },
             }
-        ),  # noqa: E501
+        ),
         j(
             {
                 **_obs(pid, "72166-2"),
@@ -157,7 +157,7 @@ def _awkward(pid: str) -> bytes:
                     ]
                 },
             }
-        ),  # noqa: E501
+        ),
         j({"resourceType": "Patient", "id": pid}),
         j([1, 2]),
         j(_obs(pid, status=["final"])),
@@ -192,7 +192,7 @@ def _read(path: Path, **kw: Any) -> dict[str, Any]:
         "skipped": Counter(),
         "unknown": Counter(),
         "counts": Counter(),
-    }  # noqa: E501
+    }
     for block in read_fhir(path, **kw):
         assert (np.diff(block.lines) >= 0).all()
         pids = block.patient_id.to_pylist()
@@ -203,7 +203,7 @@ def _read(path: Path, **kw: Any) -> dict[str, Any]:
                     int(block.timestamp[i].astype(np.int64)),
                     NAMES[int(block.variable[i])],
                     float(block.value[i]),
-                )  # noqa: E501
+                )
             )
         for r in block.rejections:
             assert r.line not in rejected, r
@@ -332,7 +332,7 @@ def _export(tmp_path: Path, files: dict[str, list[dict]], manifest: list[tuple[s
                 "request": "x",
                 "output": [{"type": t, "url": u} for t, u in manifest],
             }
-        )  # noqa: E501
+        )
     )
     return out
 
@@ -365,7 +365,7 @@ def test_age_and_sex_come_from_the_patient_file_wherever_it_is(tmp_path: Path) -
             ("Observation", "Observation.ndjson"),
             ("Patient", "Patient-1.ndjson"),
             ("Patient", "Patient-2.ndjson"),
-        ],  # noqa: E501
+        ],
     )
     got = _read(out)
     by_patient: dict[str, list[tuple[str, float]]] = {}
@@ -381,7 +381,7 @@ def test_age_and_sex_come_from_the_patient_file_wherever_it_is(tmp_path: Path) -
             ("hba1c", 7.1),
             ("age", 60.0),
             ("sex", 0.0),
-        ]  # noqa: E501
+        ]
     )  # one age and one sex per visit, not per Observation
     assert sorted(by_patient["B"]) == [("age", 49.0), ("hba1c", 7.1), ("sex", 0.0)]
     assert sorted(by_patient["C"]) == [("hba1c", 7.1)]  # birth year only, gender unknown
