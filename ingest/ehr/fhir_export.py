@@ -176,6 +176,7 @@ class _Directory(_Container):
                 rel = path.relative_to(self.root).as_posix()
                 if not path.is_file():
                     continue  # a dangling link, a socket: not part of an export
+                self.path_of(rel)  # a link to outside the folder refuses the export
                 out.append((rel, path.stat().st_size))
                 if len(out) > _MAX_ENTRIES:
                     raise InputError(f"{self.root.name}: more than {_MAX_ENTRIES} files")
