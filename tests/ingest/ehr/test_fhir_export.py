@@ -48,7 +48,7 @@ def _outcome(path: Path) -> tuple[int, list[tuple[int, str, str]]]:
 def test_folder_zip_and_tar_are_the_same_export(export: Path, tmp_path: Path) -> None:
     folder = open_export(export)
     assert folder.container == "directory" and folder.manifest == "manifest.json"
-    assert [f.resource_type for f in folder.files][0] == "Patient"  # read first
+    assert folder.files[0].resource_type == "Patient"  # read first
     assert all(f.name.endswith(".ndjson.gz") for f in folder.files)
     zipped = _zip(export, tmp_path / "export.zip", prefix="bulk-2026-11-30/")
     tarred = tmp_path / "export.tar.gz"
@@ -101,7 +101,7 @@ def test_a_manifest_with_server_urls(export: Path, tmp_path: Path) -> None:
     assert [f.name for f in open_export(copy).files] == [f.name for f in open_export(export).files]
     manifest["output"].append({"type": "Observation", "url": "missing.ndjson"})
     (copy / "manifest.json").write_bytes(orjson.dumps(manifest))
-    with pytest.raises(InputError, match="missing.ndjson.*not in the export"):
+    with pytest.raises(InputError, match=r"missing\.ndjson.*not in the export"):
         open_export(copy)
 
 
@@ -142,7 +142,7 @@ def test_a_folder_that_is_no_export_says_why(tmp_path: Path) -> None:
     (folder / "a.csv").write_text("x,y\n1,2\n")
     with pytest.raises(InputError, match="Observation"):
         detect_format(folder)
-    with pytest.raises(InputError, match="not a readable .zip"):
+    with pytest.raises(InputError, match=r"not a readable \.zip"):
         broken = tmp_path / "broken.zip"
         broken.write_bytes(b"PK\x03\x04" + b"\0" * 40)
         open_export(broken)
