@@ -416,3 +416,13 @@ def test_unchanged_export_copied_elsewhere_reads_the_same(
     copy = tmp_path / "copy"
     shutil.copytree(messy[0], copy)
     assert _read(copy)["rejected"] == _read(messy[0])["rejected"]
+
+
+def test_training_reads_an_export_through_the_same_entry_point(tmp_path: Path) -> None:
+    from medbatch.training.ehr import load_cohort
+
+    long = load_cohort(60, 21, tmp_path, "cvd")
+    fhir = load_cohort(60, 21, tmp_path, "cvd", fmt="fhir")
+    assert fhir.patient_ids == long.patient_ids
+    assert np.array_equal(fhir.label, long.label) and np.array_equal(fhir.prob, long.prob)
+    assert fhir.accepted > 0.9 * long.accepted
