@@ -15,6 +15,12 @@ from medbatch.services import jobs as job_service
 from medbatch.services.reports import render_report
 
 
+#: The job whose results are exported or reported.
+ResultsJob = Annotated[
+    int, typer.Argument(help="A screening or EHR extract job id (see `medbatch jobs`).")
+]
+
+
 @app.command(rich_help_panel="Jobs and results")
 def jobs(
     job_id: Annotated[int | None, typer.Argument(help="Show one job and its chunks.")] = None,
@@ -61,9 +67,7 @@ def jobs(
 
 @app.command(rich_help_panel="Jobs and results")
 def results(
-    job_id: Annotated[
-        int, typer.Argument(help="A screening or EHR extract job id (see `medbatch jobs`).")
-    ],
+    job_id: ResultsJob,
     out_file: Annotated[Path, typer.Option("--out", help="file.csv or file.parquet")],
 ) -> None:
     """Export results: a screening job's, one row per line of the file; an EHR extract's, one
@@ -76,9 +80,7 @@ def results(
 
 @app.command(rich_help_panel="Jobs and results")
 def report(
-    job_id: Annotated[
-        int, typer.Argument(help="A screening or EHR extract job id (see `medbatch jobs`).")
-    ],
+    job_id: ResultsJob,
     out_file: Annotated[Path, typer.Option("--out", help="report.html")],
     patient: Annotated[
         list[str] | None,
