@@ -14,7 +14,6 @@ from medbatch.cli.common import export, fail, ok, out, settings, terminal_user
 from medbatch.services import jobs as job_service
 from medbatch.services.reports import render_report
 
-
 #: The job whose results are exported or reported.
 ResultsJob = Annotated[
     int, typer.Argument(help="A screening or EHR extract job id (see `medbatch jobs`).")
