@@ -18,7 +18,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-_ENGINES: dict[tuple[str, int], Engine] = {}
+_ENGINES: dict[tuple[str, int, bool], Engine] = {}
 
 
 def json_dumps(value: Any) -> str:
@@ -32,8 +32,9 @@ def json_dumps(value: Any) -> str:
 _JSON = {"json_serializer": json_dumps, "json_deserializer": orjson.loads}
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine with the per-dialect settings medbatch relies on."""
+def make_engine(url: str, *, reader: bool = False) -> Engine:
+    """Create an engine with the per-dialect settings medbatch relies on (``reader``: see
+    :func:`get_reader_engine`)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -52,7 +53,7 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if reader else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **_JSON)
@@ -60,10 +61,24 @@ def make_engine(url: str) -> Engine:
 
 def get_engine(url: str) -> Engine:
     """The engine for ``url`` in this process (a forked child gets its own pool)."""
-    key = (url, os.getpid())
+    key = (url, os.getpid(), False)
     engine = _ENGINES.get(key)
     if engine is None:
         engine = _ENGINES[key] = make_engine(url)
+    return engine
+
+
+def get_reader_engine(url: str) -> Engine:
+    """An engine for short reads next to busy writers (e.g. the DICOM listener's duplicate
+    check): on SQLite its transactions begin DEFERRED, so a read runs on the WAL snapshot instead
+    of queueing for the write lock that ``BEGIN IMMEDIATE`` takes (SQLite's busy handler sleeps
+    milliseconds per retry). Never write through it. Elsewhere: the usual engine."""
+    if make_url(url).get_backend_name() != "sqlite":
+        return get_engine(url)
+    key = (url, os.getpid(), True)
+    engine = _ENGINES.get(key)
+    if engine is None:
+        engine = _ENGINES[key] = make_engine(url, reader=True)
     return engine
 
 

@@ -97,8 +97,15 @@ class Settings(BaseSettings):
     dicom_allow_any_ae: bool = Field(
         False, description="Accept every calling AE (only for a closed test network)."
     )
-    dicom_max_associations: int = Field(16, ge=1)
+    dicom_max_associations: int = Field(16, ge=1, description="Per listener process.")
     dicom_max_pdu: int = Field(131072, ge=0, description="Largest PDU we receive; 0: unlimited.")
+    dicom_listener_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Listener processes sharing the port (SO_REUSEPORT): one process serves its "
+        "associations on about one core; raise it to the cores receiving may use.",
+    )
     dicom_quiet_period_s: float = Field(
         30.0, gt=0, description="A study is complete after this long without a new instance."
     )

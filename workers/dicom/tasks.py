@@ -23,7 +23,7 @@ from db.jobs import transition
 from db.models import DicomInstance, DicomResult, Job, JobKind, JobState, utcnow
 from db.session import session_scope
 from db.upsert import insert_ignore
-from ingest.dicom.store import write_atomic
+from ingest.dicom.files import write_atomic
 from medbatch.errors import (
     DicomDestinationUnavailableError,
     DicomSendError,

@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 from db.models import AuditEvent, DicomInstance, DicomStudy, Job, JobState, utcnow
 from db.session import session_scope
 from ingest.dicom.completion import close_quiet_studies
-from ingest.dicom.store import relative_path, store_instance
+from ingest.dicom.files import relative_path
+from ingest.dicom.store import InstanceStore, Sender
 from ingest.dicom.validate import inspect_instance
 from medbatch.settings import Settings
 from tests.dicom_data import make_series
@@ -23,12 +24,15 @@ def _settings(tmp_path: Path, db_url: str) -> Settings:
 
 
 def _store(settings: Settings, paths: list[Path]) -> list[bool]:
-    outcomes = []
-    for p in paths:
-        data = p.read_bytes()
-        inst = inspect_instance(data, context_sop_class=CT)
-        outcomes.append(store_instance(settings, inst, data, calling_ae="CT1").stored)
-    return outcomes
+    store = InstanceStore(settings)
+    try:
+        results = [
+            store.store(p.read_bytes(), Sender("CT1", "10.0.0.1"), sop_class_uid=CT) for p in paths
+        ]
+    finally:
+        store.close()
+    assert all(r.ok for r in results), results
+    return [r.stored for r in results]
 
 
 def test_instances_are_stored_once_in_a_study_series_layout(tmp_path: Path, db_url: str) -> None:
