@@ -13,6 +13,7 @@ Logs name studies by their database id and senders by AE title, never by patient
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -155,7 +156,10 @@ class Listener:
     def _on_accepted(self, event: evt.Event) -> None:
         ae_title, address = _peer(event)
         self._audit_peer(
-            ae_title, address, "dicom.association", {"called_ae": self.settings.dicom_ae_title}
+            ae_title,
+            address,
+            "dicom.association",
+            {"called_ae": self.settings.dicom_ae_title, "listener_pid": os.getpid()},
         )
 
     # --- DIMSE services ----------------------------------------------------------------------
@@ -218,20 +222,30 @@ class Listener:
             (evt.EVT_C_STORE, self._on_store),
         ]
         processes = self.settings.dicom_listener_processes
+        primary = self.publisher is not None
         address = (self.settings.dicom_bind_address, self.settings.dicom_port)
+        if primary and processes > 1 and address[1]:
+            # Helpers first: once this process listens too, every process takes associations.
+            self._helpers = HelperPool(self.settings, address[1], processes - 1)
+        try:
+            server = self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                ssl_context=build_ssl_context(self.settings),
+                server_class=_ReusePortServer if self.reuse_port or processes > 1 else _Server,
+            )
+        except BaseException:
+            if self._helpers is not None:
+                self._helpers.stop()
+                self._helpers = None
+            raise
         self.store = InstanceStore(self.settings)
-        server = self.ae.make_server(
-            address,
-            evt_handlers=handlers,
-            ssl_context=build_ssl_context(self.settings),
-            server_class=_ReusePortServer if self.reuse_port or processes > 1 else _Server,
-        )
         _quiet(server)
         self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
         self._server = server
         threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
-        if self.publisher is not None:  # the primary: completion, helpers
-            if processes > 1:
+        if primary:  # study completion (and helpers, if the port was only known now)
+            if processes > 1 and self._helpers is None:
                 self._helpers = HelperPool(self.settings, self.port, processes - 1)
             self._watcher = threading.Thread(
                 target=self._watch, name="study-completion", daemon=True

@@ -185,6 +185,7 @@ class GroupCommitter:
         self.max_batch = max_batch
         self.timeout_s = timeout_s
         self._queue: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
+        self._conn: Connection | None = None
         self._thread = threading.Thread(target=self._run, name="dicom-group-commit", daemon=True)
         self._thread.start()
 
@@ -214,6 +215,13 @@ class GroupCommitter:
 
     # --- the committing thread -------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+
+    def _loop(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
@@ -278,103 +286,119 @@ class GroupCommitter:
     def _transaction(self, items: Sequence[Item]) -> list[Registered]:
         """One transaction for ``items``; outcomes in the same order."""
         now = utcnow()
+        conn = self._connection()
+        try:
+            with conn.begin():
+                return self._write(conn, items, now)
+        except Exception:
+            self._conn = None  # a broken connection is not reused; a fresh one next time
+            conn.invalidate()
+            raise
+
+    def _connection(self) -> Connection:
+        """The committing thread keeps one connection (no pool checkout per commit)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = get_engine(self.database_url).connect()
+        return self._conn
+
+    def _write(self, conn: Connection, items: Sequence[Item], now: datetime) -> list[Registered]:
+        """The statements of one transaction: studies, instances, duplicates, refusals, audit."""
         out: list[Registered | None] = [None] * len(items)
         events: list[tuple[int, audit.EventRecord]] = []  # (item index, event)
-        with get_engine(self.database_url).begin() as conn:
-            st = _statements(conn)
-            news = [(i, it) for i, it in enumerate(items) if isinstance(it, NewInstance)]
-            lost: dict[int, NewInstance | Duplicate] = {}
-            if news:
-                studies = self._studies(conn, st, [n for _, n in news], now)
-                first: dict[str, int] = {}
-                for i, n in news:
-                    first.setdefault(n.inst.sop_instance_uid, i)
-                rows = [
+        st = _statements(conn)
+        news = [(i, it) for i, it in enumerate(items) if isinstance(it, NewInstance)]
+        lost: dict[int, NewInstance | Duplicate] = {}
+        if news:
+            studies = self._studies(conn, st, [n for _, n in news], now)
+            first: dict[str, int] = {}
+            for i, n in news:
+                first.setdefault(n.inst.sop_instance_uid, i)
+            rows = [
+                {
+                    "study_id": studies[n.inst.study_uid][0],
+                    "batch": studies[n.inst.study_uid][1] + 1,
+                    "series_uid": n.inst.series_uid,
+                    "sop_instance_uid": n.inst.sop_instance_uid,
+                    "sop_class_uid": n.inst.sop_class_uid,
+                    "transfer_syntax_uid": n.inst.transfer_syntax_uid,
+                    "modality": n.inst.modality,
+                    "path": n.path,
+                    "size_bytes": n.size_bytes,
+                    "sha256": n.sha256,
+                    "calling_ae": n.calling_ae,
+                    "received_at": now,
+                }
+                for i, n in news
+                if first[n.inst.sop_instance_uid] == i
+            ]
+            inserted = set(conn.execute(st.add_instances, rows).scalars().all())
+            per_study: Counter[int] = Counter()
+            for i, n in news:
+                study_id, version, was_open = studies[n.inst.study_uid]
+                uid = n.inst.sop_instance_uid
+                if first[uid] != i or uid not in inserted:
+                    lost[i] = n  # resent at the same moment, or stored meanwhile elsewhere
+                    continue
+                details: dict[str, Any] = {
+                    "batch": version + 1,
+                    "modality": n.inst.modality,
+                    "bytes": n.size_bytes,
+                    "sha256": n.sha256,
+                }
+                if not was_open and not per_study[study_id]:
+                    details["reopened_after_version"] = version
+                per_study[study_id] += 1
+                out[i] = Registered(study_id, True)
+                events.append(
+                    (
+                        i,
+                        audit.EventRecord(
+                            f"ae:{n.calling_ae}",
+                            "dicom.stored",
+                            f"dicom-study:{study_id}",
+                            details,
+                        ),
+                    )
+                )
+            if per_study:
+                conn.execute(
+                    st.bump_studies,
+                    [{"sid": k, "now": now, "n": v} for k, v in sorted(per_study.items())],
+                )
+        lost.update({i: it for i, it in enumerate(items) if isinstance(it, Duplicate)})
+        if lost:
+            self._duplicates(conn, st, lost, out, events)
+        refusals = [(i, it) for i, it in enumerate(items) if isinstance(it, Refusal)]
+        if refusals:
+            conn.execute(
+                st.add_rejections,
+                [
                     {
-                        "study_id": studies[n.inst.study_uid][0],
-                        "batch": studies[n.inst.study_uid][1] + 1,
-                        "series_uid": n.inst.series_uid,
-                        "sop_instance_uid": n.inst.sop_instance_uid,
-                        "sop_class_uid": n.inst.sop_class_uid,
-                        "transfer_syntax_uid": n.inst.transfer_syntax_uid,
-                        "modality": n.inst.modality,
-                        "path": n.path,
-                        "size_bytes": n.size_bytes,
-                        "sha256": n.sha256,
-                        "calling_ae": n.calling_ae,
+                        "calling_ae": r.calling_ae[:16],
+                        "peer_address": r.peer_address[:64],
+                        "sop_class_uid": (r.sop_class_uid or "")[:64] or None,
+                        "sop_instance_uid": (r.sop_instance_uid or "")[:64] or None,
+                        "status": r.status,
+                        "reason": r.reason,
                         "received_at": now,
                     }
-                    for i, n in news
-                    if first[n.inst.sop_instance_uid] == i
-                ]
-                inserted = set(conn.execute(st.add_instances, rows).scalars().all())
-                per_study: Counter[int] = Counter()
-                for i, n in news:
-                    study_id, version, was_open = studies[n.inst.study_uid]
-                    uid = n.inst.sop_instance_uid
-                    if first[uid] != i or uid not in inserted:
-                        lost[i] = n  # resent at the same moment, or stored meanwhile elsewhere
-                        continue
-                    details: dict[str, Any] = {
-                        "batch": version + 1,
-                        "modality": n.inst.modality,
-                        "bytes": n.size_bytes,
-                        "sha256": n.sha256,
-                    }
-                    if not was_open and not per_study[study_id]:
-                        details["reopened_after_version"] = version
-                    per_study[study_id] += 1
-                    out[i] = Registered(study_id, True)
-                    events.append(
-                        (
-                            i,
-                            audit.EventRecord(
-                                f"ae:{n.calling_ae}",
-                                "dicom.stored",
-                                f"dicom-study:{study_id}",
-                                details,
-                            ),
-                        )
+                    for _, r in refusals
+                ],
+            )
+            for i, r in refusals:
+                out[i] = Registered(None, False)
+                events.append(
+                    (
+                        i,
+                        audit.EventRecord(
+                            f"ae:{r.calling_ae[:16]}",
+                            "dicom.refused",
+                            f"peer:{r.peer_address}",
+                            {"status": r.status, "reason": r.reason},
+                        ),
                     )
-                if per_study:
-                    conn.execute(
-                        st.bump_studies,
-                        [{"sid": k, "now": now, "n": v} for k, v in sorted(per_study.items())],
-                    )
-            lost.update({i: it for i, it in enumerate(items) if isinstance(it, Duplicate)})
-            if lost:
-                self._duplicates(conn, st, lost, out, events)
-            refusals = [(i, it) for i, it in enumerate(items) if isinstance(it, Refusal)]
-            if refusals:
-                conn.execute(
-                    st.add_rejections,
-                    [
-                        {
-                            "calling_ae": r.calling_ae[:16],
-                            "peer_address": r.peer_address[:64],
-                            "sop_class_uid": (r.sop_class_uid or "")[:64] or None,
-                            "sop_instance_uid": (r.sop_instance_uid or "")[:64] or None,
-                            "status": r.status,
-                            "reason": r.reason,
-                            "received_at": now,
-                        }
-                        for _, r in refusals
-                    ],
                 )
-                for i, r in refusals:
-                    out[i] = Registered(None, False)
-                    events.append(
-                        (
-                            i,
-                            audit.EventRecord(
-                                f"ae:{r.calling_ae[:16]}",
-                                "dicom.refused",
-                                f"peer:{r.peer_address}",
-                                {"status": r.status, "reason": r.reason},
-                            ),
-                        )
-                    )
-            audit.append_many(conn, [ev for _, ev in sorted(events, key=lambda e: e[0])])
+        audit.append_many(conn, [ev for _, ev in sorted(events, key=lambda e: e[0])])
         return [r if r is not None else Registered(None, False) for r in out]
 
     @staticmethod
