@@ -109,11 +109,15 @@ def send_pynetdicom(port: int, called: str, paths: list[Path], associations: int
         ae = AE(ae_title="BENCH")
         ae.add_requested_context(CTImageStorage)
         ae.maximum_pdu_size = MAX_PDU
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120  # a loaded machine
         assoc = ae.associate("127.0.0.1", port, ae_title=called)
         if not assoc.is_established:
             errors.append("association rejected")
             return
         for path in part:
+            if not assoc.is_established:
+                errors.append("association lost")
+                return
             status = assoc.send_c_store(path)
             if not status or status.Status != 0:
                 errors.append(f"status {getattr(status, 'Status', None)}")

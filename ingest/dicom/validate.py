@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ STATUS_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,9 @@ def inspect_instance(
     negotiated presentation context, the C-STORE request); None where the front door has none.
     Raises :class:`InstanceRefusedError` with the status to send back.
     """
-    with warnings.catch_warnings(record=True) as caught:
+    # catch_warnings swaps process-wide state: with several associations parsing at once, one
+    # thread's truncation warning could land in another's list, so parses capture one at a time.
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(io.BytesIO(encoded))
