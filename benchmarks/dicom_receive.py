@@ -264,6 +264,60 @@ class Orthanc(Receiver):
         self.log.close()
 
 
+class PynetdicomFloor(Receiver):
+    """A pynetdicom storage SCP that answers Success without storing anything: the ceiling of
+    any listener built on pynetdicom (its association, PDU and DIMSE handling alone)."""
+
+    def __init__(self, port: int) -> None:
+        import sys
+
+        self.name, self.aet, self.port = "pynetdicom-noop", "NOOP", port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.dicom_receive", "--serve-noop", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait_listening(port, "the no-op pynetdicom SCP", self.proc)
+
+    def cpu_s(self) -> float:
+        return process_group_cpu_s(self.proc.pid)
+
+    def stored(self) -> int:
+        return -1  # stores nothing by design
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def serve_noop(port: int) -> None:
+    """The :class:`PynetdicomFloor` process: configured as medbatch's listener (contexts, PDU,
+    pynetdicom's log handlers unbound), handler ``return 0x0000``."""
+    import logging
+    import signal
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from ingest.dicom.listener import TRANSFER_SYNTAXES, _quiet
+
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    ae = AE(ae_title="NOOP")
+    ae.maximum_associations = 16
+    ae.maximum_pdu_size = MAX_PDU
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES)
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)]
+    )
+    assert server is not None
+    _quiet(server)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+
+
 class Medbatch(Receiver):
     """medbatch's listener (``medbatch listen`` in its own process group, with its helpers)."""
 
@@ -335,7 +389,15 @@ def start_receivers(
     stack.callback(scp.stop)
     orthanc = Orthanc(free_port(), free_port(), work / "orthanc")
     stack.callback(orthanc.stop)
-    return [*out, scp, orthanc]
+    floor = PynetdicomFloor(free_port())
+    stack.callback(floor.stop)
+    return [*out, scp, orthanc, floor]
+
+
+def _med(samples: dict[str, list[float]], key: str) -> float:
+    """Median of a case's successful samples (NaN if every send of it failed)."""
+    values = samples.get(key)
+    return median(values) if values else float("nan")
 
 
 def versions() -> dict[str, str]:
@@ -374,12 +436,16 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="+ one py-spy run per case")
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--serve-noop", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_noop is not None:
+        serve_noop(args.serve_noop)
+        return
 
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=160)
     n = 40 if args.quick else args.instances
     reps = 1 if args.quick else args.reps
     databases = [d.strip() for d in args.databases.split(",") if d.strip()]
@@ -397,6 +463,7 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     loads: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
     (REPO / ".bench").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / ".bench") as tmp, ExitStack() as stack:
@@ -410,7 +477,12 @@ def main() -> None:
                 for rcv in order:
                     key = f"{rcv.name}/{sender}/{assocs}"
                     c0 = rcv.cpu_s()
-                    secs = SENDERS[sender](rcv.port, rcv.aet, copies, assocs)
+                    try:
+                        secs = SENDERS[sender](rcv.port, rcv.aet, copies, assocs)
+                    except RuntimeError as exc:  # recorded, and left out of the medians
+                        failures.append({"case": key, "rep": rep, "error": str(exc)[:500]})
+                        console.log(f"[red]{key} failed[/]: {exc}")
+                        continue
                     cpu.setdefault(key, []).append((rcv.cpu_s() - c0) / n * 1e3)
                     times.setdefault(key, []).append(secs)
                     sent[rcv.name] += n
@@ -423,17 +495,18 @@ def main() -> None:
             for name in profiles:
                 sent[name.split("/")[0]] += n
         stored = {rcv.name: rcv.stored() for rcv in rx}
-    short = {k: v for k, v in stored.items() if v < sent[k]}
+    short = {k: v for k, v in stored.items() if 0 <= v < sent[k]}
     if short:
         raise RuntimeError(f"receivers stored fewer instances than sent: {short} of {sent}")
 
     rows = []
     for sender, assocs in cases:
-        scp = median(times[f"storescp/{sender}/{assocs}"])
-        orth = median(times[f"orthanc/{sender}/{assocs}"])
+        scp = _med(times, f"storescp/{sender}/{assocs}")
+        orth = _med(times, f"orthanc/{sender}/{assocs}")
+        floor = _med(times, f"pynetdicom-noop/{sender}/{assocs}")
         for db in databases:
             key = f"medbatch-{db}/{sender}/{assocs}"
-            m = median(times[key])
+            m = _med(times, key)
             rows.append(
                 {
                     "sender": sender,
@@ -442,35 +515,46 @@ def main() -> None:
                     "medbatch_instances_per_s": n / m,
                     "storescp_instances_per_s": n / scp,
                     "orthanc_instances_per_s": n / orth,
+                    "pynetdicom_noop_instances_per_s": n / floor,
                     "ratio_vs_storescp": scp / m,
                     "ratio_vs_orthanc": orth / m,
                     "cpu_ms_per_instance": {
-                        "medbatch": median(cpu[key]),
-                        "storescp": median(cpu[f"storescp/{sender}/{assocs}"]),
-                        "orthanc": median(cpu[f"orthanc/{sender}/{assocs}"]),
+                        "medbatch": _med(cpu, key),
+                        "storescp": _med(cpu, f"storescp/{sender}/{assocs}"),
+                        "orthanc": _med(cpu, f"orthanc/{sender}/{assocs}"),
+                        "pynetdicom_noop": _med(cpu, f"pynetdicom-noop/{sender}/{assocs}"),
                     },
-                    "medbatch_seconds": times[key],
-                    "storescp_seconds": times[f"storescp/{sender}/{assocs}"],
-                    "orthanc_seconds": times[f"orthanc/{sender}/{assocs}"],
+                    "medbatch_seconds": times.get(key, []),
+                    "storescp_seconds": times.get(f"storescp/{sender}/{assocs}", []),
+                    "orthanc_seconds": times.get(f"orthanc/{sender}/{assocs}", []),
+                    "pynetdicom_noop_seconds": times.get(f"pynetdicom-noop/{sender}/{assocs}", []),
                 }
             )
     table = Table(title=f"DICOM receive: {n} CT instances 512×512, medians of {reps}")
-    for col in ("sender", "assocs", "db", "medbatch/s", "storescp/s", "ratio", "orthanc/s"):
+    for col in (
+        "sender/assocs/db",
+        "medbatch/s",
+        "storescp/s",
+        "ratio",
+        "orthanc/s",
+        "ratio",
+        "pynetdicom no-op/s",
+        "CPU ms/instance medbatch|storescp|orthanc|no-op",
+    ):
         table.add_column(col, justify="right")
-    table.add_column("ratio", justify="right")
-    table.add_column("CPU ms/inst m|s|o", justify="right")
     for r in rows:
         c = r["cpu_ms_per_instance"]
         table.add_row(
-            r["sender"],
-            str(r["associations"]),
-            r["database"],
+            f"{r['sender']}/{r['associations']}/{r['database']}",
             f"{r['medbatch_instances_per_s']:.0f}",
             f"{r['storescp_instances_per_s']:.0f}",
             f"{r['ratio_vs_storescp']:.2f}×",
             f"{r['orthanc_instances_per_s']:.0f}",
             f"{r['ratio_vs_orthanc']:.2f}×",
-            f"{c['medbatch']:.1f} | {c['storescp']:.1f} | {c['orthanc']:.1f}",
+            f"{r['pynetdicom_noop_instances_per_s']:.0f}",
+            " | ".join(
+                f"{c[k]:.1f}" for k in ("medbatch", "storescp", "orthanc", "pynetdicom_noop")
+            ),
         )
     console.print(table)
     path = write_record(
@@ -487,6 +571,7 @@ def main() -> None:
             "cases": rows,
             "load_average": os.getloadavg(),
             "load_per_repetition": loads,
+            "failed_sends": failures,
             "profiles": profiles,
             "targets": {
                 "ratio_vs_storescp": ">= 1.0 (storescp with TCP_NODELAY=1), 1 and 4 associations",
