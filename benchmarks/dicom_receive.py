@@ -109,7 +109,8 @@ def send_pynetdicom(port: int, called: str, paths: list[Path], associations: int
         ae = AE(ae_title="BENCH")
         ae.add_requested_context(CTImageStorage)
         ae.maximum_pdu_size = MAX_PDU
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120  # a loaded machine
+        ae.acse_timeout = ae.dimse_timeout = 30  # a lost response (pynetdicom#850) fails the case
+        ae.network_timeout = 60
         assoc = ae.associate("127.0.0.1", port, ae_title=called)
         if not assoc.is_established:
             errors.append("association rejected")
@@ -230,7 +231,7 @@ class Orthanc(Receiver):
             "DicomPort": port,
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
-            "DicomThreadsCount": 4,
+            "DicomThreadsCount": 8,  # 4 associations at once and one closing
             "MaximumPduLength": MAX_PDU,
             "HttpServerEnabled": True,
             "HttpPort": http_port,
