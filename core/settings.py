@@ -7,6 +7,7 @@ under ``storage_dir``. Production overrides the URLs (see ``docker-compose.yml``
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -101,8 +102,15 @@ class Settings(BaseSettings):
     dicom_allow_any_ae: bool = Field(
         False, description="Accept every calling AE (only for a closed test network)."
     )
-    dicom_max_associations: int = Field(16, ge=1)
+    dicom_max_associations: int = Field(16, ge=1, description="Per listener process.")
     dicom_max_pdu: int = Field(131072, ge=0, description="Largest PDU we receive; 0: unlimited.")
+    dicom_listener_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Listener processes sharing the port (SO_REUSEPORT): one process serves its "
+        "associations on about one core; raise it to the cores receiving may use.",
+    )
     dicom_quiet_period_s: float = Field(
         30.0, gt=0, description="A study is complete after this long without a new instance."
     )
@@ -218,6 +226,18 @@ class Settings(BaseSettings):
             total += min(delay, self.triton_retry_max_s)
             delay *= 2
         return total
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process see exactly these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        key = f"MEDBATCH_{name.upper()}"
+        if value is None:  # unset optional setting: must not become the text "None"
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
 
 
 @lru_cache(maxsize=1)

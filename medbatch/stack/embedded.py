@@ -12,11 +12,11 @@ from collections.abc import Callable
 from functools import partial
 from types import TracebackType
 
-from core.settings import Settings
+from core.settings import Settings, settings_env
 from db.migrate import upgrade
 from medbatch.stack import redis_server, triton_server
 from medbatch.stack.process import ManagedProcess, port_open
-from medbatch.stack.worker_process import settings_env, worker_process, worker_ready
+from medbatch.stack.worker_process import worker_process, worker_ready
 
 log = logging.getLogger(__name__)
 

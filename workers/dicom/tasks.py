@@ -30,7 +30,7 @@ from db.insert_ignore import insert_ignore
 from db.jobs import transition
 from db.models import DicomInstance, DicomResult, Job, JobState, utcnow
 from db.session import session_scope
-from ingest.dicom.store import write_atomic
+from ingest.dicom.files import write_atomic
 from workers.dicom.outputs import (
     LungCtResult,
     build_key_slice_image,

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from core.settings import Settings
+from core.settings import Settings, settings_env
 from medbatch.services.tokens import Scope, create_token
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import ManagedProcess, free_port, port_open
-from medbatch.stack.worker_process import settings_env
 
 UPLOAD_LIMIT = 3 << 20
 
