@@ -74,7 +74,8 @@ def medbatch_run(settings: Any, path: Path) -> dict[str, Any]:
     """One end-to-end run; its seconds, stages and the workers' memory."""
     from sqlalchemy import select
 
-    from db.models import TERMINAL_STATES, Job, JobKind, JobState
+    from core.job_kinds import JobKind
+    from db.models import TERMINAL_STATES, Job, JobState
     from db.session import session_scope
     from ingest.ehr.submit import submit_extract
     from workers.dispatch import publish
@@ -158,8 +159,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from core.settings import Settings
     from db.migrate import upgrade
-    from medbatch.settings import Settings
     from medbatch.stack.embedded import EmbeddedStack
     from medbatch.stack.process import free_port
     from medbatch.stack.worker_process import use_settings

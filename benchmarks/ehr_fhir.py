@@ -78,7 +78,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from medbatch.settings import Settings
+    from core.settings import Settings
 
     console = Console()
     patients = 2_500 if args.quick else args.patients
@@ -154,8 +154,8 @@ def main() -> None:
 
 
 def _end_to_end(console: Any, csv_path: Path, export: Path, reps: int) -> dict[str, Any]:
+    from core.settings import Settings
     from db.migrate import upgrade
-    from medbatch.settings import Settings
     from medbatch.stack.embedded import EmbeddedStack
     from medbatch.stack.process import free_port
     from medbatch.stack.worker_process import use_settings

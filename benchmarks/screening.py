@@ -209,7 +209,7 @@ class Medbatch:
         triton_threads: int,
         canonicalize_processes: int = 1,
     ) -> None:
-        from medbatch.settings import Settings
+        from core.settings import Settings
         from medbatch.stack.embedded import EmbeddedStack
         from medbatch.stack.process import free_port
 

@@ -170,7 +170,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from medbatch.settings import Settings
+    from core.settings import Settings
     from medbatch.stack.process import free_port
     from medbatch.stack.triton_server import is_ready, triton_process
 

@@ -9,9 +9,10 @@ from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.errors import JobNotFoundError, SubmissionInProgressError
+from core.job_kinds import LEAF_KINDS
 from db import audit
-from db.models import TERMINAL_STATES, Job, JobKind, JobState, utcnow
-from medbatch.errors import InputError, JobNotFoundError
+from db.models import TERMINAL_STATES, Job, JobState, utcnow
 
 #: Allowed predecessors of each state. ``running → running`` is a redelivery after a crash;
 #: ``running → queued`` is a retry while Triton is unavailable; ``failed → queued`` is an
@@ -99,7 +100,9 @@ def add_submission(session: Session, job: Job, name: str) -> None:
     try:
         session.flush()
     except IntegrityError as exc:
-        raise InputError(f"{name} is being submitted by another process right now") from exc
+        raise SubmissionInProgressError(
+            f"{name} is being submitted by another process right now"
+        ) from exc
 
 
 def get_job(session: Session, job_id: int) -> Job:
@@ -147,18 +150,6 @@ def finish_parent_if_complete(session: Session, parent_id: int, *, actor: str) -
             summary=summary,
         )
     return transition(session, parent_id, JobState.DONE, actor=actor, summary=summary)
-
-
-#: Kinds whose jobs are run by a task themselves (the others are parents of such jobs).
-LEAF_KINDS = frozenset(
-    {
-        JobKind.CHEM_CHUNK.value,
-        JobKind.DICOM_STUDY.value,
-        JobKind.DICOM_SEND.value,
-        JobKind.EHR_INGEST.value,
-        JobKind.EHR_BATCH.value,
-    }
-)
 
 
 def retry_failed(session: Session, job_id: int, *, actor: str) -> list[int]:

@@ -60,16 +60,6 @@ TERMINAL_STATES = frozenset(
 )
 
 
-class JobKind(enum.StrEnum):
-    CHEM_SCREEN = "chem_screen"  # one library file; parent of its chunks
-    CHEM_CHUNK = "chem_chunk"  # one Triton request's worth of molecules
-    DICOM_STUDY = "dicom_study"  # one version of a received study, scored once it is complete
-    DICOM_SEND = "dicom_send"  # the DICOM result objects of one study version, C-STORE'd back
-    EHR_EXTRACT = "ehr_extract"  # one EHR extract file; parent of its ingest and its batches
-    EHR_INGEST = "ehr_ingest"  # stream the file: reject bad rows, spill patients into buckets
-    EHR_BATCH = "ehr_batch"  # score the patients of one bucket with every EHR model
-
-
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -301,6 +291,22 @@ class EhrDropFile(Base):
     job_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("jobs.id"), nullable=True)
     outcome: Mapped[str] = mapped_column(String(32), doc="submitted | duplicate | rejected")
     seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP API. Only the SHA-256 of the token is kept (tokens are 256
+    random bits, so a fast hash is enough); the token itself is shown once, when created."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(64), doc="Comma-separated: read, submit, admin.")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(256))
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class AuditHead(Base):

@@ -52,7 +52,10 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (no deadlock upgrading a read); a read-only
+            # session (read_scope) begins deferred: in WAL mode it never blocks a writer.
+            deferred = conn.get_execution_options().get("medbatch_read_only", False)
+            conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **_JSON)
@@ -67,11 +70,30 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
+def get_reader_engine(url: str) -> Engine:
+    """An engine for reads next to busy writers (the DICOM listener's duplicate check, exports):
+    on SQLite its transactions begin DEFERRED, so a read runs on the WAL snapshot instead of
+    queueing for the write lock that ``BEGIN IMMEDIATE`` takes. Never write through it."""
+    return get_engine(url).execution_options(medbatch_read_only=True)
+
+
 def dispose_all() -> None:
     """Drop every pooled connection (call at exit, or in a child right after a fork)."""
     for engine in _ENGINES.values():
         engine.dispose(close=False)
     _ENGINES.clear()
+
+
+@contextmanager
+def read_scope(url: str) -> Iterator[Session]:
+    """A read-only transaction for long reads (exports streaming millions of rows): on SQLite it
+    takes no write lock, so workers keep committing meanwhile. Write nothing in it."""
+    session = sessionmaker(bind=get_reader_engine(url), expire_on_commit=False)()
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()
 
 
 @contextmanager

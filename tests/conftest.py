@@ -14,9 +14,9 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from core.settings import Settings, get_settings
 from db.migrate import upgrade
 from db.session import dispose_all
-from medbatch.settings import Settings, get_settings
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import free_port
 from medbatch.stack.worker_process import use_settings
@@ -103,6 +103,7 @@ def make_settings(tmp: Path, **overrides: object) -> Settings:
         "chem_chunk_size": 16,
         "worker_concurrency": 1,
         "metrics_port": free_port(),
+        "api_port": free_port(),
         "dicom_port": free_port(),
         "dicom_allowed_aes": f"{TEST_AES}, STORESCU, ECHOSCU, PYNETDICOM",
         "dicom_quiet_period_s": 3.0,

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, StoragePresentationContexts
 
-from medbatch.settings import Settings
+from core.settings import Settings
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 MR_SMALL = Path(str(get_testdata_file("MR_small.dcm")))

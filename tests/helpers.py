@@ -8,10 +8,10 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from core.settings import Settings
 from db.models import TERMINAL_STATES, Job, JobState, Prediction
 from db.session import session_scope
 from ingest.chem.canonicalize import Canonical, canonicalize
-from medbatch.settings import Settings
 
 
 def wait_until(

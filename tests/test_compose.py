@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from medbatch.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 EXPECTED = {

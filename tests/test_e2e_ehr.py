@@ -15,13 +15,14 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from db.models import EhrScore, Job, JobKind, JobState, Rejection
+from core.job_kinds import JobKind
+from core.settings import Settings
+from db.models import EhrScore, Job, JobState, Rejection
 from db.session import session_scope
 from ingest.ehr.dropfolder import scan_drop_folder
 from ingest.ehr.reader import read_extract
 from ingest.files import file_sha256
 from medbatch.cli import app
-from medbatch.settings import Settings
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.synth.ehr import SynthStats, write_long_csv, write_wide_csv
 from tests.helpers import wait_for_job

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from db.models import EhrScore, Job, JobKind, JobState, Rejection
+from core.job_kinds import JobKind
+from db.models import EhrScore, Job, JobState, Rejection
 from db.session import session_scope
 from ingest.ehr.reader import read_extract
 from ingest.ehr.submit import extract_sha256

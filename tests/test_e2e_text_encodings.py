@@ -13,11 +13,12 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from db.models import Job, JobKind, JobState
+from core.job_kinds import JobKind
+from core.settings import Settings
+from db.models import Job, JobState
 from db.session import session_scope
 from ingest.files import file_sha256
 from medbatch.cli import app
-from medbatch.settings import Settings
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.synth.ehr import write_long_csv
 from tests.helpers import unique_valid, wait_for_job

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from db.models import EhrScore, Job, JobKind, JobState, Rejection
+from core.job_kinds import JobKind
+from db.models import EhrScore, Job, JobState, Rejection
 from db.session import session_scope
 from ingest.ehr.reader import read_extract
 from ingest.ehr.submit import submit_extract

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from db.models import Compound, Job, JobKind, JobState, LibraryEntry, Prediction, Rejection
+from core.job_kinds import JobKind
+from db.models import Compound, Job, JobState, LibraryEntry, Prediction, Rejection
 from db.session import session_scope
 from medbatch.reports.screening import render_screening_report
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from medbatch.settings import Settings
+from core.settings import Settings
 
 
 def test_defaults_are_a_single_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

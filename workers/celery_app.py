@@ -13,14 +13,11 @@ from celery.schedules import crontab
 from celery.signals import worker_process_init
 from kombu import Queue
 
-from medbatch.settings import Settings, get_settings
+from core.job_kinds import JOB_KINDS
+from core.settings import Settings, get_settings
 
-TASK_SCORE_CHUNK = "medbatch.chem.score_chunk"
+#: Tasks that run no job (the job kinds' tasks are in ``core.job_kinds``).
 TASK_SWEEP = "medbatch.maintenance.sweep"
-TASK_SCORE_STUDY = "medbatch.dicom.score_study"
-TASK_SEND_RESULT = "medbatch.dicom.send_result"
-TASK_EHR_INGEST = "medbatch.ehr.ingest_extract"
-TASK_EHR_SCORE = "medbatch.ehr.score_batch"
 TASK_EHR_SCAN = "medbatch.ehr.scan_drop_folder"
 
 
@@ -54,6 +51,16 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
     return schedule
 
 
+def job_queues(settings: Settings) -> list[str]:
+    """The queues jobs travel on (one per flow), in the job-kind table's order."""
+    return list(dict.fromkeys(spec.queue(settings) for spec in JOB_KINDS.values()))
+
+
+def queues(settings: Settings) -> list[str]:
+    """Every queue a worker may consume: the flows' and the maintenance queue."""
+    return [*job_queues(settings), settings.queue_maintenance]
+
+
 def configure(app: Celery, settings: Settings) -> None:
     """Apply medbatch's delivery guarantees and routing to ``app``."""
     app.conf.update(
@@ -81,19 +88,14 @@ def configure(app: Celery, settings: Settings) -> None:
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=settings.queue_maintenance,
-        task_queues=[
-            Queue(settings.queue_chem),
-            Queue(settings.queue_dicom),
-            Queue(settings.queue_ehr),
-            Queue(settings.queue_maintenance),
-        ],
+        task_queues=[Queue(q) for q in queues(settings)],
         task_routes={
-            TASK_SCORE_CHUNK: {"queue": settings.queue_chem},
+            **{
+                spec.task: {"queue": spec.queue(settings)}
+                for spec in JOB_KINDS.values()
+                if spec.task is not None
+            },
             TASK_SWEEP: {"queue": settings.queue_maintenance},
-            TASK_SCORE_STUDY: {"queue": settings.queue_dicom},
-            TASK_SEND_RESULT: {"queue": settings.queue_dicom},
-            TASK_EHR_INGEST: {"queue": settings.queue_ehr},
-            TASK_EHR_SCORE: {"queue": settings.queue_ehr},
             TASK_EHR_SCAN: {"queue": settings.queue_maintenance},
         },
         beat_schedule=beat_schedule(settings),
@@ -120,7 +122,7 @@ app = Celery(
     include=[
         "workers.chem.tasks",
         "workers.dicom.tasks",
-        "workers.ehr.ingest",
+        "workers.ehr.partition",
         "workers.ehr.tasks",
         "workers.ehr.dropfolder",
         "workers.sweeper",

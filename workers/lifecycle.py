@@ -18,13 +18,15 @@ from celery import Task
 from celery.exceptions import Retry
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from core.errors import InferenceError, InferenceUnavailableError
+from core.job_kinds import JOB_KINDS, JobKind
+from core.settings import Settings, get_settings
 from db import audit
 from db.jobs import finish_parent_if_complete, transition
 from db.models import TERMINAL_STATES, Job, JobState
 from db.session import session_scope
-from medbatch.errors import InferenceError, InferenceUnavailableError
-from medbatch.settings import Settings
 from workers import triton_client
+from workers.celery_app import app
 from workers.metrics import CHUNKS, TRITON_SECONDS, TRITON_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -185,9 +187,29 @@ def wait_for_triton(
     )
 
 
-def run_guarded(
-    task: Task, job_id: int, settings: Settings, body: Callable[[Task, int, Settings], str]
-) -> str:
+#: A task's own work: (the Celery task, the job id, the settings) → a short outcome word.
+Body = Callable[[Task, int, Settings], str]
+
+
+def job_task(kind: JobKind) -> Callable[[Body], Body]:
+    """Register ``body`` as the Celery task that runs jobs of ``kind`` (its name and queue come
+    from the job-kind table), run under :func:`run_guarded` with the process's settings."""
+    name = JOB_KINDS[kind].task
+    if name is None:
+        raise ValueError(f"{kind} jobs are parents; no task runs them")
+
+    def register(body: Body) -> Body:
+        @app.task(name=name, bind=True, max_retries=None)
+        def run(self: Task, job_id: int) -> str:
+            return run_guarded(self, job_id, get_settings(), body)
+
+        run.__doc__ = body.__doc__
+        return body
+
+    return register
+
+
+def run_guarded(task: Task, job_id: int, settings: Settings, body: Body) -> str:
     """Run a task body so that the job always ends in a state that says what happened.
 
     A database outage is retried like a Triton outage; any other unexpected error fails the job

@@ -14,7 +14,7 @@ import os
 from celery.signals import worker_init
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
 
-from medbatch.settings import get_settings
+from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,15 @@ from datetime import timedelta
 import redis
 from sqlalchemy import select, update
 
+from core.job_kinds import LEAF_KINDS, JobKind
+from core.settings import Settings, get_settings
 from db import audit
 from db.jobs import transition
-from db.models import Job, JobKind, JobState, utcnow
+from db.models import Job, JobState, utcnow
 from db.session import session_scope
 from ingest.dicom.completion import close_quiet_studies
-from medbatch.settings import Settings, get_settings
-from workers.celery_app import TASK_SWEEP, app
-from workers.dispatch import TASK_FOR_KIND, publish
+from workers.celery_app import TASK_SWEEP, app, job_queues
+from workers.dispatch import publish
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,13 @@ def sweep(settings: Settings | None = None) -> SweepReport:
     for job_id in close_quiet_studies(settings, actor=actor):  # when no listener is running
         publish(job_id, JobKind.DICOM_STUDY.value)
         report.studies_closed.append(job_id)
-    present = job_ids_in_broker(
-        client, [settings.queue_chem, settings.queue_dicom, settings.queue_ehr]
-    )
+    present = job_ids_in_broker(client, job_queues(settings))
     cutoff = utcnow() - timedelta(seconds=settings.sweep_grace_s)
     open_states = [JobState.RECEIVED.value, JobState.QUEUED.value, JobState.RUNNING.value]
     with session_scope(settings.database_url) as session:
         candidates = session.execute(
             select(Job.id, Job.kind, Job.state).where(
-                Job.kind.in_(list(TASK_FOR_KIND)),
+                Job.kind.in_(sorted(LEAF_KINDS)),
                 Job.state.in_(open_states),
                 Job.updated_at < cutoff,
             )

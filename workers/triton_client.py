@@ -14,7 +14,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from medbatch.errors import InferenceError, InferenceUnavailableError
+from core.errors import InferenceError, InferenceUnavailableError
 
 _clients: dict[tuple[str, int], grpcclient.InferenceServerClient] = {}
 _lock = threading.Lock()

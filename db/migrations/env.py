@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
+from core.settings import get_settings
 from db.models import Base
 from db.session import make_engine
-from medbatch.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

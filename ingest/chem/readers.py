@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
+from core.errors import InputError
 from ingest.text import TextSource, open_text
-from medbatch.errors import InputError
 
 Format = Literal["smi", "csv", "tsv", "sdf"]
 

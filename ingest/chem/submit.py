@@ -23,7 +23,11 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from core.errors import InputError
+from core.job_kinds import JobKind
+from core.settings import Settings
 from db import audit
+from db.insert_ignore import insert_ignore
 from db.jobs import (
     add_submission,
     finish_parent_if_complete,
@@ -35,7 +39,6 @@ from db.models import (
     ChunkItem,
     Compound,
     Job,
-    JobKind,
     JobState,
     LibraryEntry,
     Prediction,
@@ -43,12 +46,9 @@ from db.models import (
     utcnow,
 )
 from db.session import session_scope
-from db.upsert import insert_ignore
 from ingest.chem.canonicalize import Canonical, Invalid, canonicalize_all
 from ingest.chem.readers import Format, LibraryReader, RawRecord
 from ingest.files import file_sha256
-from medbatch.errors import InputError
-from medbatch.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,13 @@ class _Submission:
     """State of one library being submitted: counters, the pending chunk, published chunk ids."""
 
     def __init__(
-        self, job_id: int, key: str, library: str, settings: Settings, options: ScreenOptions
+        self,
+        job_id: int,
+        key: str,
+        library: str,
+        settings: Settings,
+        options: ScreenOptions,
+        actor: str,
     ) -> None:
         self.job_id = job_id
         self.key = key
@@ -116,7 +122,7 @@ class _Submission:
         self.seconds = {"canonicalize": 0.0}
         self.pending: list[int] = []
         self.chunk_ids: list[int] = []
-        self.actor = audit.current_actor("user")
+        self.actor = actor
 
     # -- one batch of rows ---------------------------------------------------------------------
     def add_batch(
@@ -344,8 +350,14 @@ def submit_library(
     publisher: Publisher,
     options: ScreenOptions | None = None,
     progress: ProgressFn | None = None,
+    *,
+    actor: str | None = None,
+    on_registered: Callable[[int], None] | None = None,
 ) -> SubmitResult:
-    """Validate, deduplicate and chunk ``path``; publish each chunk as soon as it is committed."""
+    """Validate, deduplicate and chunk ``path``; publish each chunk as soon as it is committed.
+    ``actor`` is who submits (audited; default: the user at this terminal);
+    ``on_registered(job_id)`` is called once the new job is committed, before the file is read
+    (an HTTP answer can name the job while its rows are still being read)."""
     options = options or ScreenOptions()
     path = Path(path)
     reader = LibraryReader(
@@ -353,7 +365,7 @@ def submit_library(
     )
     sha = file_sha256(path)
     base_key = _base_key(sha, options, settings)
-    actor = audit.current_actor("user")
+    actor = actor or audit.current_actor("user")
     with session_scope(settings.database_url) as session:
         existing = None if options.force else live_job_for_key(session, base_key)
         if existing is not None:
@@ -390,8 +402,10 @@ def submit_library(
             details={"kind": parent.kind, "file_sha256": sha, "library": path.name},
         )
         job_id = int(parent.id)
+    if on_registered is not None:
+        on_registered(job_id)
 
-    sub = _Submission(job_id, key, path.name, settings, options)
+    sub = _Submission(job_id, key, path.name, settings, options, actor)
     try:
         with reader:
             batches = _batches(reader, settings.chem_ingest_batch)

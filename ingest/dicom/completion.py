@@ -12,11 +12,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 
+from core.job_kinds import JobKind
+from core.settings import Settings
 from db import audit
 from db.jobs import transition
-from db.models import DicomInstance, DicomStudy, Job, JobKind, JobState, utcnow
+from db.models import DicomInstance, DicomStudy, Job, JobState, utcnow
 from db.session import session_scope
-from medbatch.settings import Settings
 
 log = logging.getLogger(__name__)
 

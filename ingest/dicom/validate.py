@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -17,8 +18,8 @@ import pydicom
 from pydicom.encaps import generate_fragments
 from pydicom.uid import UID
 
+from core.errors import InstanceRefusedError
 from db.audit import subject_digest
-from medbatch.errors import InstanceRefusedError
 
 #: C-STORE statuses (PS3.4 Annex B.2.3); failures make a PACS retry or report the object.
 STATUS_SUCCESS = 0x0000
@@ -27,6 +28,8 @@ STATUS_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,20 @@ def _check_pixel_data(ds: pydicom.Dataset, transfer_syntax: UID) -> None:
 
 
 def inspect_instance(
-    encoded: bytes, *, context_sop_class: str, affected_sop_instance: str | None = None
+    encoded: bytes,
+    *,
+    context_sop_class: str | None = None,
+    affected_sop_instance: str | None = None,
 ) -> ReceivedInstance:
     """Parse a received dataset (DICOM file format bytes) and check it is complete.
 
+    ``context_sop_class`` and ``affected_sop_instance`` are what the transfer announced (the
+    negotiated presentation context, the C-STORE request); None where the front door has none.
     Raises :class:`InstanceRefusedError` with the status to send back.
     """
-    with warnings.catch_warnings(record=True) as caught:
+    # catch_warnings swaps process-wide state: with several associations parsing at once, one
+    # thread's truncation warning could land in another's list, so parses capture one at a time.
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(io.BytesIO(encoded))
@@ -106,7 +116,7 @@ def inspect_instance(
     if bad:
         raise _refuse(STATUS_DOES_NOT_MATCH, f"malformed UID(s): {', '.join(bad)}")
     sop_class = UID(str(ds.SOPClassUID))
-    if sop_class != context_sop_class:
+    if context_sop_class is not None and sop_class != context_sop_class:
         raise _refuse(
             STATUS_DOES_NOT_MATCH,
             f"SOP Class UID {sop_class} differs from the negotiated {context_sop_class}",

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from core.errors import ExtractRejectedError, InputError
+from core.settings import Settings
+from db.insert_ignore import insert_ignore
 from db.models import EhrDropFile
 from db.session import session_scope
-from db.upsert import insert_ignore
 from ingest.ehr.fhir_export import fingerprint
 from ingest.ehr.submit import Publisher, extract_sha256, submit_extract
-from medbatch.errors import ExtractRejectedError, InputError
-from medbatch.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from core.errors import InputError
 from ingest.text import GZIP_MAGIC, open_stream
-from medbatch.errors import InputError
 
 __all__ = [
     "READ_TYPES",

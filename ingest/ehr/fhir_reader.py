@@ -47,6 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
+from core.errors import InputError
+from ingest.ehr.blocks import VARIABLE_CODES, LongBlock, Rejection
 from ingest.ehr.fhir_codes import (
     ANSWERS,
     CODE_SYSTEMS,
@@ -68,10 +70,8 @@ from ingest.ehr.fhir_resources import (
     parse_fhir_time,
     resolve_unit,
 )
-from ingest.ehr.reader import VARIABLE_CODES, LongBlock, Rejection
 from ingest.ehr.schema import VARIABLES, RowRejected, UnknownUnit, UnparseableTime
 from ingest.text import open_stream
-from medbatch.errors import InputError
 
 __all__ = ["NDJSON_BLOCK_FACTOR", "PatientIndex", "read_fhir"]
 
@@ -828,7 +828,7 @@ def read_fhir(
     export: FhirExport | None = None,
 ) -> Iterator[LongBlock]:
     """Validated blocks of a FHIR export (``vectorised=False``: every line by the reference
-    checks, for tests). Raises :class:`~medbatch.errors.InputError` for a path that is no
+    checks, for tests). Raises :class:`~core.errors.InputError` for a path that is no
     export."""
     export = export or open_export(Path(path))
     index = PatientIndex()

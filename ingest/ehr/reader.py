@@ -15,9 +15,7 @@ number, and accepted rows are numbered around them.
 from __future__ import annotations
 
 import csv
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -29,9 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import csv as pacsv
 
+from core.errors import InputError
+from ingest.ehr.blocks import VARIABLE_CODES, LongBlock, Rejection
 from ingest.ehr.schema import (
     LONG_COLUMNS,
-    VARIABLES,
     WIDE_KEY_COLUMNS,
     RowRejected,
     Variable,
@@ -43,41 +42,9 @@ from ingest.ehr.schema import (
     variable,
 )
 from ingest.text import open_text, read_first_line
-from medbatch.errors import InputError
 
-#: Index of each variable in :data:`VARIABLES` order: the compact code accepted rows carry.
-VARIABLE_CODES: dict[str, int] = {name: i for i, name in enumerate(VARIABLES)}
 _NUMBER = r"^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*$"
 _TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
-
-
-@dataclass(frozen=True)
-class Rejection:
-    line: int  # physical line in the file; the header is line 1
-    kind: str
-    reason: str
-
-
-@dataclass
-class LongBlock:
-    """The accepted measurements of one block (values in canonical units) and its rejections.
-
-    A FHIR export also reports what was read but is neither a measurement nor an error:
-    ``skipped`` (reason → resources: ``status entered-in-error``, …), ``unknown_codes`` (code →
-    Observations of things no model uses) and ``counts`` (resources, patients, …)."""
-
-    lines: npt.NDArray[np.int64]
-    patient_id: pa.Array
-    timestamp: npt.NDArray[np.datetime64]
-    variable: npt.NDArray[np.int8]
-    value: npt.NDArray[np.float64]
-    rejections: list[Rejection] = field(default_factory=list)
-    skipped: Counter[str] = field(default_factory=Counter)
-    unknown_codes: Counter[str] = field(default_factory=Counter)
-    counts: Counter[str] = field(default_factory=Counter)
-
-    def __len__(self) -> int:
-        return len(self.lines)
 
 
 class _LineTracker:

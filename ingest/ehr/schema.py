@@ -34,10 +34,18 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from core.errors import ConfigurationError
+from core.model_registry import served_model
+from core.served_models import ServedModel
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 __all__ = [
-    "MODELS",
     "VARIABLES",
     "BlankRow",
     "ImpossibleValue",
@@ -373,39 +381,26 @@ class ModelSchema:
             raise ValueError(f"model {self.name}: max_visits goes with sequence models only")
 
 
-_DIABETES_INPUTS = "age hba1c glucose sbp dbp bmi ldl hdl triglycerides egfr"
-_CVD_INPUTS = "age sex sbp dbp bmi total_cholesterol hdl ldl smoker hba1c"
-
-MODELS: Mapping[str, ModelSchema] = MappingProxyType(
-    {
-        m.name: m
-        for m in (
-            ModelSchema(
-                "diabetes_lstm_attention",
-                tuple(_DIABETES_INPUTS.split()),
-                sequence=True,
-                max_visits=20,
-                description="diabetes-complication risk from the visit sequence, attention "
-                "weight per visit",
-            ),
-            ModelSchema(
-                "cvd_autoencoder",
-                tuple(_CVD_INPUTS.split()),
-                sequence=False,
-                max_visits=None,
-                description="CVD risk from the latest profile; reconstruction error flags "
-                "out-of-distribution profiles",
-            ),
-        )
-    }
-)
-
-
-def model_schema(name: str) -> ModelSchema:
+def model_schema(name: str, settings: Settings | None = None) -> ModelSchema:
+    """The inputs of EHR model ``name``, as its entry in the model registry declares them."""
     try:
-        return MODELS[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+        model = served_model(name, settings)
+    except ConfigurationError as exc:
+        raise KeyError(str(exc)) from None
+    if not model.variables:
+        raise KeyError(f"{name} is not an EHR model: it declares no EHR variables")
+    return _schema(model)
+
+
+@cache
+def _schema(model: ServedModel) -> ModelSchema:
+    return ModelSchema(
+        model.name,
+        model.variables,
+        sequence=model.max_visits is not None,
+        max_visits=model.max_visits,
+        description=model.description,
+    )
 
 
 # ------------------------------------------------------------------------------- fields

@@ -2,7 +2,7 @@
 of the drop-folder scan.
 
 Registering is cheap (hash the file, two rows, one message); the streaming itself runs in a
-worker (``workers/ehr/ingest.py``), so a 5-GB extract never ties up the caller and a killed
+worker (``workers/ehr/partition.py``), so a 5-GB extract never ties up the caller and a killed
 ingest is redelivered like any other task. Submitting the same bytes again, under any name,
 finds the job that already exists and scores nothing twice.
 """
@@ -16,9 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import ExtractRejectedError, InputError
+from core.job_kinds import JobKind
+from core.model_registry import ehr_models
+from core.settings import Settings
 from db import audit
 from db.jobs import add_submission, live_job_for_key, next_key
-from db.models import Job, JobKind, JobState
+from db.models import Job, JobState
 from db.session import session_scope
 from ingest.ehr.fhir_export import (
     NDJSON_BYTES_PER_CSV_BYTE,
@@ -30,8 +34,6 @@ from ingest.ehr.fhir_export import (
 from ingest.ehr.reader import detect_format
 from ingest.files import file_sha256
 from ingest.text import text_size
-from medbatch.errors import ExtractRejectedError, InputError
-from medbatch.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,7 @@ class ExtractSubmission:
 
 def model_versions(settings: Settings) -> dict[str, str]:
     """The EHR models and versions an extract is scored with (part of its identity)."""
-    return {
-        "diabetes_lstm_attention": settings.ehr_diabetes_model_version,
-        "cvd_autoencoder": settings.ehr_cvd_model_version,
-    }
+    return {m.name: m.version(settings) for m in ehr_models(settings)}
 
 
 def extract_sha256(path: Path) -> str:

@@ -1,7 +1,8 @@
 """An EHR extract as one self-contained HTML page: what came in and what was rejected, the risk
-distribution of each model, and for any patient the attention of the diabetes model over their
-visits as a picture (the highest-risk patients and any asked for are drawn; every other
-patient can be looked up in the page, which draws the same chart from the embedded weights).
+distribution of each model, and for any patient the attention of the first model with attention
+over their visits as a picture (the highest-risk patients and any asked for are drawn; every
+other patient can be looked up in the page, which draws the same chart from the embedded
+weights). What is shown follows from the models' registry entries, not from their names.
 
 The page names patients (whoever acts on a risk needs to know whose it is): it is written only
 on request, and each writing is audited like any other access to results.
@@ -18,10 +19,10 @@ from matplotlib.figure import Figure
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.ehr_exports import CVD, DIABETES, iter_patient_scores
+from core.served_models import ServedModel
+from db.ehr_results import extract_models, iter_patient_scores
 from db.jobs import get_job
-from db.models import EhrScore, JobKind, Rejection
-from medbatch.errors import InputError
+from db.models import EhrScore, Rejection
 from medbatch.reports.page import figure_svg, write_report
 
 TOP_PATIENTS = 12
@@ -61,17 +62,30 @@ def attention_svg(attention: list[list[Any]], title: str) -> str:
     return figure_svg(fig)
 
 
-def _card(patient_id: str, scores: dict[str, EhrScore]) -> dict[str, Any]:
-    diabetes, cvd = scores.get(DIABETES), scores.get(CVD)
-    card: dict[str, Any] = {
-        "patient_id": patient_id,
-        "diabetes": diabetes if diabetes is not None and diabetes.risk is not None else None,
-        "cvd": cvd if cvd is not None and cvd.risk is not None else None,
-    }
-    if diabetes is not None and diabetes.risk is not None:
+def _card(
+    patient_id: str, scores: dict[str, EhrScore], models: list[ServedModel], primary: ServedModel
+) -> dict[str, Any]:
+    shown = []
+    for m in models:
+        score = scores.get(m.name)
+        if score is None or score.risk is None:
+            continue
+        shown.append(
+            {
+                "title": m.title,
+                "risk": score.risk,
+                "top_variables": [
+                    v["variable"] for v in score.explanation.get("top_variables", [])
+                ],
+                "ood": bool(score.out_of_distribution) if m.has("OOD") else False,
+            }
+        )
+    card: dict[str, Any] = {"patient_id": patient_id, "models": shown}
+    lead = scores.get(primary.name)
+    if primary.has("ATTENTION") and lead is not None and lead.risk is not None:
         card["svg"] = attention_svg(
-            diabetes.explanation.get("attention", []),
-            f"{patient_id}: diabetes-complication risk {diabetes.risk:.2f}",
+            lead.explanation.get("attention", []),
+            f"{patient_id}: {primary.title} {lead.risk:.2f}",
         )
     return card
 
@@ -81,23 +95,27 @@ def render_ehr_report(
 ) -> Path:
     """Write the extract's HTML report to ``out`` (audited as an access to its results)."""
     job = get_job(session, extract_id)
-    if job.kind != JobKind.EHR_EXTRACT.value:
-        raise InputError(f"job {extract_id} is a {job.kind} job, not an EHR extract")
-    risks: dict[str, list[float]] = {DIABETES: [], CVD: []}
+    models = extract_models(session, extract_id)
+    # Patients are ranked (and their attention drawn) by the first model with attention.
+    primary = next((m for m in models if m.has("ATTENTION")), models[0])
+    risks: dict[str, list[float]] = {m.name: [] for m in models}
+    ood_models = [m for m in models if m.has("OOD")]
     lookup: dict[str, list[list[Any]]] = {}
     top: list[tuple[float, str]] = []
-    ood = not_scored = 0
+    ood: dict[str, int] = {m.name: 0 for m in ood_models}
+    not_scored = 0
     for patient_id, scores in iter_patient_scores(session, extract_id):
         for s in scores:
             if s.risk is None:
                 not_scored += 1
                 continue
             risks.setdefault(s.model_name, []).append(s.risk)
-            if s.model_name == DIABETES:
+            if s.model_name == primary.name:
                 top.append((s.risk, patient_id))
-                if len(lookup) < LOOKUP_LIMIT:
+                if primary.has("ATTENTION") and len(lookup) < LOOKUP_LIMIT:
                     lookup[patient_id] = s.explanation.get("attention", [])
-            ood += bool(s.out_of_distribution)
+            if s.model_name in ood:
+                ood[s.model_name] += bool(s.out_of_distribution)
     top.sort(reverse=True)
     wanted = [p for _, p in top[:TOP_PATIENTS]]
     asked = list(patients or [])
@@ -112,7 +130,7 @@ def render_ehr_report(
             )
         }
         if found:
-            cards.append(_card(patient_id, found))
+            cards.append(_card(patient_id, found, models, primary))
         else:
             missing.append(patient_id)
     rejected_total = session.scalar(
@@ -130,8 +148,8 @@ def render_ehr_report(
         ("measurements accepted", summary.get("accepted_rows", 0)),
         ("rows rejected", summary.get("rejected_rows", 0)),
         *((f"  … {kind.replace('_', ' ')}", n) for kind, n in sorted(by_kind.items())),
-        ("patients scored", len(risks.get(DIABETES, []))),
-        ("profiles flagged out of distribution (cvd_autoencoder)", ood),
+        ("patients scored", len(risks.get(primary.name, []))),
+        *((f"profiles flagged out of distribution ({name})", n) for name, n in ood.items()),
         ("model × patient pairs not scored (reason in the export)", not_scored),
     ]
     return write_report(
@@ -143,12 +161,14 @@ def render_ehr_report(
         details={"patients": len(top), "patients_drawn": len(cards)},
         job=job,
         models=job.params.get("models", {}),
+        primary=primary,
         created=f"{job.created_at:%Y-%m-%d %H:%M} UTC",
         counts=counts,
         histogram=risk_histogram_svg({m: v for m, v in risks.items() if v}) if top else "",
         cards=cards,
         asked=len(asked),
         missing=missing,
+        attention=primary.has("ATTENTION"),
         lookup_json=json.dumps(lookup, separators=(",", ":")).replace("</", "<\\/"),
         lookup_complete=len(lookup) == len(top),
         rejected=rejected,

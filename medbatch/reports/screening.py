@@ -14,8 +14,9 @@ from rdkit import Chem
 from rdkit.Chem.Draw import rdMolDraw2D
 from sqlalchemy.orm import Session
 
-from db.exports import iter_screen_results
+from core.model_registry import served_model
 from db.jobs import get_job
+from db.screen_results import screen_results
 from medbatch.reports.page import figure_svg, write_report
 
 #: Solubility classes commonly used for logS (mol/L) in early discovery.
@@ -25,9 +26,6 @@ BANDS = [
     (-3.0, -1.0, "soluble", "#d9ead3"),
     (-1.0, 99.0, "highly soluble", "#cfe2f3"),
 ]
-#: logS range of molecule_gnn's training set (Huuskonen, 1,025 molecules; see its model card).
-#: Predictions outside it are extrapolations and are flagged as such.
-TRAINING_RANGE = (-11.62, 1.58)
 EXTREMES = 8
 REJECTED_SHOWN = 200
 
@@ -71,13 +69,17 @@ def _structure_svg(smiles: str, size: int = 200) -> str:
 def render_screening_report(session: Session, job_id: int, out: Path, *, actor: str) -> Path:
     """Write the job's HTML report to ``out`` (audited as an access to its results)."""
     job = get_job(session, job_id)
+    model = served_model(str(job.params["model_name"]))
+    field = next(iter(model.fields.values()))  # the value drawn (logS)
+    low, high = model.target_range or (float("-inf"), float("inf"))
     scored: list[_Row] = []
     rejected: list[dict[str, Any]] = []
     rejected_total = 0
-    for row in iter_screen_results(session, job_id):
-        if row["status"] == "scored" and row["logS"] is not None:
+    _, rows = screen_results(session, job_id)
+    for row in rows:
+        if row["status"] == "scored" and row[field] is not None:
             scored.append(
-                _Row(row["line_no"], row["record_name"] or "", row["canonical_smiles"], row["logS"])
+                _Row(row["line_no"], row["record_name"] or "", row["canonical_smiles"], row[field])
             )
         elif row["status"] == "rejected":
             rejected_total += 1
@@ -97,8 +99,8 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
         ("scored earlier (not rescored)", summary.get("already_scored", 0)),
         ("scored molecules in this report", len(scored)),
         (
-            f"outside the training range {TRAINING_RANGE[0]} … {TRAINING_RANGE[1]} (extrapolated)",
-            sum(1 for r in scored if not TRAINING_RANGE[0] <= r.logs <= TRAINING_RANGE[1]),
+            f"outside the training range {low} … {high} (extrapolated)",
+            sum(1 for r in scored if not low <= r.logs <= high),
         ),
     ]
     return write_report(
@@ -122,7 +124,7 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
                     {
                         **r.__dict__,
                         "svg": _structure_svg(r.smiles),
-                        "extrapolated": not TRAINING_RANGE[0] <= r.logs <= TRAINING_RANGE[1],
+                        "extrapolated": not low <= r.logs <= high,
                     }
                     for r in rows
                 ],

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from functools import partial
 from types import TracebackType
 
+from core.settings import Settings, settings_env
 from db.migrate import upgrade
-from medbatch.settings import Settings
 from medbatch.stack import redis_server, triton_server
 from medbatch.stack.process import ManagedProcess, port_open
-from medbatch.stack.worker_process import settings_env, worker_process, worker_ready
+from medbatch.stack.worker_process import worker_process, worker_ready
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class EmbeddedStack:
         beat: bool = True,
         start_triton: bool = True,
         listener: bool = False,
+        api: bool = False,
         report: Reporter | None = None,
         ready_timeout_s: float = 180.0,
     ) -> None:
@@ -43,6 +44,7 @@ class EmbeddedStack:
         self.beat = beat
         self.start_triton = start_triton
         self.start_listener_too = listener
+        self.start_api_too = api
         self.report = report or log.info
         self.ready_timeout_s = ready_timeout_s
         self.started: list[ManagedProcess] = []
@@ -51,6 +53,7 @@ class EmbeddedStack:
         self.triton: ManagedProcess | None = None
         self.redis: ManagedProcess | None = None
         self.listener: ManagedProcess | None = None
+        self.api: ManagedProcess | None = None
 
     def __enter__(self) -> EmbeddedStack:
         try:
@@ -96,6 +99,15 @@ class EmbeddedStack:
             self.report(
                 f"DICOM listener {s.dicom_ae_title} on {s.dicom_bind_address}:{s.dicom_port}"
             )
+        if self.start_api_too:
+            host = (
+                "127.0.0.1" if s.api_bind_address in ("0.0.0.0", "", "::") else s.api_bind_address
+            )
+            if port_open(host, s.api_port):
+                self.report(f"something already answers at {s.api_url}; not starting the API")
+            else:
+                self.start_api()
+                self.report(f"HTTP API and console at {s.api_url}/")
 
     def add_worker(self, *, beat: bool = False, wait: bool = True) -> ManagedProcess:
         """Start one more worker process (also how a killed worker is replaced)."""
@@ -138,6 +150,17 @@ class EmbeddedStack:
         host = "127.0.0.1" if s.dicom_bind_address in ("0.0.0.0", "") else s.dicom_bind_address
         self.listener.wait_until(lambda: port_open(host, s.dicom_port), 60, "listening")
         return self.listener
+
+    def start_api(self) -> ManagedProcess:
+        """(Re)start ``medbatch serve`` and wait until it answers /healthz."""
+        s = self.settings
+        argv = [sys.executable, "-m", "medbatch.cli", "serve"]
+        log_path = self.state_dir / "api.log"
+        self.api = ManagedProcess("api", argv, settings_env(s), log_path).start()
+        self.started.append(self.api)
+        host = "127.0.0.1" if s.api_bind_address in ("0.0.0.0", "", "::") else s.api_bind_address
+        self.api.wait_until(lambda: port_open(host, s.api_port), 60, "serving")
+        return self.api
 
     def stop(self) -> None:
         for proc in reversed(self.started):

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from medbatch.errors import ServiceStartError
+from core.errors import ServiceStartError
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

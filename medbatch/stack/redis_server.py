@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from medbatch.errors import ConfigurationError
+from core.errors import ConfigurationError
 from medbatch.stack.process import ManagedProcess
 
 

@@ -18,8 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from medbatch.errors import ConfigurationError
-from medbatch.settings import Settings
+from core.errors import ConfigurationError
+from core.settings import Settings
 from medbatch.stack.process import ManagedProcess
 
 

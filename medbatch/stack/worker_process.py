@@ -7,14 +7,14 @@ import sys
 import uuid
 from pathlib import Path
 
-from medbatch.settings import Settings
+from core.settings import Settings, settings_env
 from medbatch.stack.process import ManagedProcess
 
 
 def use_settings(settings: Settings) -> None:
     """Make this process use ``settings`` too (tests and benchmarks that start a private stack):
     its environment, the cached settings, and the Celery app it publishes with."""
-    from medbatch.settings import get_settings
+    from core.settings import get_settings
     from workers.celery_app import app, reconfigure
 
     os.environ.update(
@@ -22,18 +22,6 @@ def use_settings(settings: Settings) -> None:
     )
     get_settings.cache_clear()
     reconfigure(app, settings)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process see exactly these settings."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        key = f"MEDBATCH_{name.upper()}"
-        if value is None:  # unset optional setting: must not become the text "None"
-            env.pop(key, None)
-        else:
-            env[key] = str(value)
-    return env
 
 
 def worker_argv(

@@ -10,6 +10,18 @@ from typing import Any
 import numpy as np
 
 
+def auroc(scores: list[float], labels: list[int]) -> float | None:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties averaged; None
+    without both classes. Plain numpy: the demo uses it where scikit-learn is not installed."""
+    y = np.asarray(labels)
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    if not n_pos or not n_neg:
+        return None
+    _, where, counts = np.unique(np.asarray(scores), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[where]  # 1-based, ties share their mean
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """AUROC, Brier score, expected calibration error (10 equal-count bins), mean predicted
     risk against the observed rate."""

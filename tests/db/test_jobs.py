@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from core.job_kinds import JobKind
 from db import audit
+from db.insert_ignore import insert_ignore
 from db.jobs import finish_parent_if_complete, transition
-from db.models import AuditEvent, Compound, Job, JobKind, JobState, Prediction
+from db.models import AuditEvent, Compound, Job, JobState, Prediction
 from db.session import session_scope
-from db.upsert import insert_ignore
 
 
 def _job(url: str, key: str, parent: int | None = None, kind: str = JobKind.CHEM_CHUNK) -> int:

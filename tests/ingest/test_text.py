@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from rdkit import Chem
 
+from core.errors import InputError
 from ingest.chem.readers import LibraryReader
 from ingest.ehr.reader import detect_format, read_extract
 from ingest.text import open_text, read_first_line, sniff_encoding, text_size
-from medbatch.errors import InputError
 from medbatch.synth.ehr import write_long_csv, write_wide_csv
 
 
@@ -202,3 +202,24 @@ def test_ehr_file_in_another_encoding_is_refused_naming_it(tmp_path: Path) -> No
     latin.write_bytes("patient_id,horodatage,variable,valeur,unit\u00e9\n".encode("latin-1"))
     with pytest.raises(InputError, match=r"not UTF-8 text.*re-export it as UTF-8"):
         detect_format(latin)
+
+
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        (b"PK\x03\x04" + b"\x00" * 60, "Excel workbook"),
+        (b"%PDF-1.7\n%\xe2\xe3", "PDF"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 8, "PNG image"),
+        (b"\x00" * 128 + b"DICM" + b"\x02\x00", "DICOM file"),
+        (b"smiles\nCCO\x00\x01\x02\n", "binary data"),
+    ],
+)
+def test_files_that_are_not_text_are_refused_saying_what_they_are(
+    tmp_path: Path, data: bytes, what: str
+) -> None:
+    for path in (tmp_path / "lib.smi", tmp_path / "lib.smi.gz"):
+        path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+        with pytest.raises(InputError, match=what):
+            open_text(path)
+        with pytest.raises(InputError, match=what), LibraryReader(path) as reader:
+            list(reader)

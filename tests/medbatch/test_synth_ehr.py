@@ -24,6 +24,7 @@ from ingest.ehr.schema import (
     check_wide_row,
     parse_wide_header,
 )
+from medbatch.synth.command import synth_ehr_command
 from medbatch.synth.ehr import (
     BROKEN_KINDS_LONG,
     BROKEN_KINDS_WIDE,
@@ -32,7 +33,6 @@ from medbatch.synth.ehr import (
     SynthStats,
     cvd_probability,
     diabetes_complication_probability,
-    synth_ehr_command,
     synth_patients,
     write_long_csv,
     write_wide_csv,

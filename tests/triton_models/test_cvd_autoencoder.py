@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.ehr.schema import MODELS, VARIABLES
+from ingest.ehr.schema import VARIABLES, model_schema
 from tests.triton_models import ehr_model
 from tests.triton_models.ehr_model import CPU
 from tests.triton_models.python_backend import Request
@@ -23,7 +23,7 @@ MODEL_DIR = ehr_model.MODELS_DIR / NAME
 VERSION_DIR = MODEL_DIR / "1"
 INPUTS = ("VALUES", "OBSERVED")
 OUTPUTS = ("RISK", "RECON_ERROR", "OOD", "CONTRIBUTION")
-COLUMN = {name: j for j, name in enumerate(MODELS[NAME].variables)}
+COLUMN = {name: j for j, name in enumerate(model_schema(NAME).variables)}
 
 
 network, train_module, payload, model, metrics, reference, triton_model = ehr_model.fixtures(NAME)
@@ -48,13 +48,13 @@ def profile(**values: float) -> tuple[torch.Tensor, torch.Tensor]:
         "hba1c": 5.5,
     }
     typical.update(values)
-    row = [float(typical[v]) for v in MODELS[NAME].variables]
+    row = [float(typical[v]) for v in model_schema(NAME).variables]
     return torch.tensor([row]), torch.ones(1, len(row))
 
 
 # ------------------------------------------------------------------------------ model and weights
 def test_constants_match_schema(network):
-    schema = MODELS[NAME]
+    schema = model_schema(NAME)
     assert schema.variables == network.VARIABLES
     limits = tuple((VARIABLES[v].low, VARIABLES[v].high) for v in schema.variables)
     assert limits == network.LIMITS

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.ehr.schema import MODELS, VARIABLES
+from ingest.ehr.schema import VARIABLES, model_schema
 from tests.triton_models import ehr_model
 from tests.triton_models.ehr_model import CPU
 from tests.triton_models.python_backend import Request
@@ -57,7 +57,7 @@ def synthetic_patient(
 
 # ------------------------------------------------------------------------------ model and weights
 def test_constants_match_schema(network):
-    schema = MODELS[NAME]
+    schema = model_schema(NAME)
     assert schema.variables == network.VARIABLES
     assert schema.max_visits == network.MAX_VISITS
     limits = tuple((VARIABLES[v].low, VARIABLES[v].high) for v in schema.variables)

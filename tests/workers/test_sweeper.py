@@ -9,11 +9,14 @@ import pytest
 import redis
 from celery import Celery
 
+from core.job_kinds import JOB_KINDS, JobKind
 from medbatch.stack.process import free_port
 from medbatch.stack.redis_server import ping, redis_process
 from tests.conftest import make_settings
-from workers.celery_app import TASK_SCORE_CHUNK, configure
+from workers.celery_app import configure
 from workers.sweeper import job_ids_in_broker
+
+TASK_SCORE_CHUNK = JOB_KINDS[JobKind.CHEM_CHUNK].task
 
 
 @pytest.fixture

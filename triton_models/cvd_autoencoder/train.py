@@ -35,7 +35,7 @@ REPO_ROOT = HERE.parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from ingest.ehr.schema import MODELS  # noqa: E402
+from ingest.ehr.schema import model_schema  # noqa: E402
 from medbatch.training import ehr, run  # noqa: E402
 from workers.ehr.features import latest_profile  # noqa: E402
 
@@ -83,7 +83,7 @@ network = run.load_network_module(NAME, FILES.version_dir)
 # ----------------------------------------------------------------------------------------- data
 def cohort_inputs(cohort: ehr.Cohort) -> dict[str, np.ndarray]:
     """The model inputs of every patient, as the worker builds them."""
-    profiles = [latest_profile(m, MODELS[NAME]) for m in cohort.measurements]
+    profiles = [latest_profile(m, model_schema(NAME)) for m in cohort.measurements]
     return {
         "VALUES": np.stack([v for v, _ in profiles]),
         "OBSERVED": np.stack([o for _, o in profiles]),
@@ -223,7 +223,7 @@ the pipeline can surface; a template for a real model. Not a risk score for peop
 | `CONTRIBUTION` | FP32 [10] | per variable, risk logit minus logit with it masked (below) |
 
 Variables (column order): age (years), sex (1 = male), sbp, dbp (mmHg), bmi (kg/m²),
-total_cholesterol, hdl, ldl (mmol/L), smoker (0/1), hba1c (%) — `ingest.ehr.schema.MODELS`. A
+total_cholesterol, hdl, ldl (mmol/L), smoker (0/1), hba1c (%) — `core.model_registry`. A
 request is rejected on its own (an error response for it; the other requests of the batch are
 still scored) when an input is missing or has the wrong shape or dtype, holds NaN/inf, has
 `OBSERVED` other than 0/1, a patient with no observed variable at all, an observed value outside

@@ -35,7 +35,7 @@ REPO_ROOT = HERE.parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from ingest.ehr.schema import MODELS  # noqa: E402
+from ingest.ehr.schema import model_schema  # noqa: E402
 from medbatch.training import ehr, run  # noqa: E402
 from workers.ehr.features import stack_sequences, visit_sequence  # noqa: E402
 
@@ -55,7 +55,7 @@ network = run.load_network_module(NAME, FILES.version_dir)
 # ----------------------------------------------------------------------------------------- data
 def cohort_inputs(cohort: ehr.Cohort) -> dict[str, np.ndarray]:
     """The model inputs of every patient, as the worker builds them."""
-    return stack_sequences([visit_sequence(m, MODELS[NAME]) for m in cohort.measurements])
+    return stack_sequences([visit_sequence(m, model_schema(NAME)) for m in cohort.measurements])
 
 
 def as_tensors(inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
@@ -191,7 +191,7 @@ risk score for people.
 Visits run oldest → newest, left-aligned (`workers.ehr.features.stack_sequences`).
 
 Variables (column order): age, hba1c (%), glucose (mmol/L), sbp, dbp (mmHg), bmi (kg/m²), ldl,
-hdl, triglycerides (mmol/L), egfr (mL/min/1.73 m²) — `ingest.ehr.schema.MODELS`. A request is
+hdl, triglycerides (mmol/L), egfr (mL/min/1.73 m²) — `core.model_registry`. A request is
 rejected on its own (an error response for it, the other requests of the batch are still scored)
 when an input is missing or has the wrong shape or dtype, holds NaN/inf anywhere, has `LENGTH`
 outside [1, 20], has `OBSERVED` other than 0/1 on a real visit, an observed value outside the

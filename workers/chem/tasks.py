@@ -14,27 +14,25 @@ import time
 from celery import Task
 from sqlalchemy import select
 
+from core.job_kinds import JobKind
+from core.model_registry import served_model
+from core.settings import Settings
 from db import audit
+from db.insert_ignore import insert_ignore
 from db.jobs import finish_parent_if_complete, transition
-from db.models import (
-    ChunkItem,
-    Compound,
-    JobKind,
-    JobState,
-    Prediction,
-    utcnow,
-)
+from db.models import ChunkItem, Compound, JobState, Prediction, utcnow
 from db.session import session_scope
-from db.upsert import insert_ignore
-from medbatch.settings import Settings, get_settings
-from workers.celery_app import TASK_SCORE_CHUNK, app
 from workers.chem.featurize import featurize_smiles
-from workers.lifecycle import claim, close, infer_or_wait, run_guarded
+from workers.lifecycle import claim, close, infer_or_wait, job_task
 from workers.metrics import CHUNKS, ITEMS
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ["LOGS"]
+
+def _finite(value: float) -> float | None:
+    """A stored prediction: a float, or None where the model gave NaN/inf."""
+    v = float(value)
+    return v if math.isfinite(v) else None
 
 
 def _load_chunk(job_id: int, settings: Settings) -> list[tuple[int, str]]:
@@ -48,13 +46,9 @@ def _load_chunk(job_id: int, settings: Settings) -> list[tuple[int, str]]:
     return [(int(cid), str(smi)) for cid, smi in rows]
 
 
-@app.task(name=TASK_SCORE_CHUNK, bind=True, max_retries=None)
-def score_chunk(self: Task, job_id: int) -> str:
-    """Celery entry point; returns a short outcome word (kept in the worker log only)."""
-    return run_guarded(self, job_id, get_settings(), _score_chunk)
-
-
-def _score_chunk(self: Task, job_id: int, settings: Settings) -> str:
+@job_task(JobKind.CHEM_CHUNK)
+def score_chunk(self: Task, job_id: int, settings: Settings) -> str:
+    """Featurise a chunk's molecules, one Triton request, store the predictions."""
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job
@@ -76,17 +70,19 @@ def _score_chunk(self: Task, job_id: int, settings: Settings) -> str:
         return "failed"
     t_feat = time.perf_counter()
 
-    out = infer_or_wait(self, job, settings, model, version, arrays, OUTPUTS)
+    fields = served_model(model, settings).fields  # output tensor → stored field
+    out = infer_or_wait(self, job, settings, model, version, arrays, list(fields))
     if isinstance(out, str):
         return out
     t_infer = time.perf_counter()
-    logs = out["LOGS"].reshape(-1)
-    if logs.shape[0] != len(items):
+    values = {name: out[tensor].reshape(len(out[tensor]), -1) for tensor, name in fields.items()}
+    wrong = {name: v.shape[0] for name, v in values.items() if v.shape[0] != len(items)}
+    if wrong:
         close(
             job,
             JobState.FAILED,
             settings,
-            error=f"model returned {logs.shape[0]} values for {len(items)} molecules",
+            error=f"model returned {wrong} values for {len(items)} molecules",
         )
         return "failed"
     now = utcnow()
@@ -96,10 +92,10 @@ def _score_chunk(self: Task, job_id: int, settings: Settings) -> str:
             "compound_id": cid,
             "model_name": model,
             "model_version": version,
-            "outputs": {"logS": float(v) if math.isfinite(float(v)) else None},
+            "outputs": {name: _finite(v[i, 0]) for name, v in values.items()},
             "created_at": now,
         }
-        for (cid, _), v in zip(items, logs, strict=True)
+        for i, (cid, _) in enumerate(items)
     ]
     with session_scope(settings.database_url) as session:
         inserted = insert_ignore(session, Prediction, rows, ("job_id", "compound_id", "model_name"))

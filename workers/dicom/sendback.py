@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE
 
-from medbatch.errors import ConfigurationError, DicomDestinationUnavailableError, DicomSendError
+from core.errors import ConfigurationError, DicomDestinationUnavailableError, DicomSendError
 
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"

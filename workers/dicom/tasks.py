@@ -18,18 +18,19 @@ import pydicom
 from celery import Task
 from sqlalchemy import select
 
-from db import audit
-from db.jobs import transition
-from db.models import DicomInstance, DicomResult, Job, JobKind, JobState, utcnow
-from db.session import session_scope
-from db.upsert import insert_ignore
-from ingest.dicom.store import write_atomic
-from medbatch.errors import (
+from core.errors import (
     DicomDestinationUnavailableError,
     DicomSendError,
 )
-from medbatch.settings import Settings, get_settings
-from workers.celery_app import TASK_SCORE_STUDY, TASK_SEND_RESULT, app
+from core.job_kinds import JobKind
+from core.model_registry import served_model
+from core.settings import Settings
+from db import audit
+from db.insert_ignore import insert_ignore
+from db.jobs import transition
+from db.models import DicomInstance, DicomResult, Job, JobState, utcnow
+from db.session import session_scope
+from ingest.dicom.files import write_atomic
 from workers.dicom.outputs import (
     LungCtResult,
     build_key_slice_image,
@@ -45,12 +46,11 @@ from workers.dicom.series import (
     read_headers,
     slice_hu,
 )
-from workers.lifecycle import Claim, claim, close, infer_or_wait, run_guarded, wait_or_fail
+from workers.lifecycle import Claim, claim, close, infer_or_wait, job_task, wait_or_fail
 from workers.metrics import ITEMS
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ["STUDY_PROB", "SLICE_SCORES"]
 #: Series numbers of our objects in the source study (high, to stay clear of the modality's).
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
@@ -70,13 +70,8 @@ def results_dir(settings: Settings, study_id: int, version: int) -> Path:
     return settings.storage_dir / "dicom-results" / f"study-{study_id}" / f"v{version}"
 
 
-@app.task(name=TASK_SCORE_STUDY, bind=True, max_retries=None)
-def score_study(self: Task, job_id: int) -> str:
-    """Celery entry point; returns a short outcome word (kept in the worker log only)."""
-    return run_guarded(self, job_id, get_settings(), _score_study)
-
-
-def _score_study(self: Task, job_id: int, settings: Settings) -> str:
+@job_task(JobKind.DICOM_STUDY)
+def score_study(self: Task, job_id: int, settings: Settings) -> str:
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job
@@ -91,7 +86,8 @@ def _score_study(self: Task, job_id: int, settings: Settings) -> str:
         return "not-applicable"
 
     volume = model_input(in_plane_volume(chosen))[np.newaxis]
-    out = infer_or_wait(self, job, settings, model, model_version, {"VOLUME": volume}, OUTPUTS)
+    outputs = list(served_model(model, settings).outputs)
+    out = infer_or_wait(self, job, settings, model, model_version, {"VOLUME": volume}, outputs)
     if isinstance(out, str):
         return out
     probability = float(out["STUDY_PROB"].reshape(-1)[0])
@@ -203,13 +199,9 @@ def _store_result(
     return "done"
 
 
-@app.task(name=TASK_SEND_RESULT, bind=True, max_retries=None)
-def send_result(self: Task, job_id: int) -> str:
+@job_task(JobKind.DICOM_SEND)
+def send_result(self: Task, job_id: int, settings: Settings) -> str:
     """C-STORE a result's SR and key image to the destination AE; waits while it is down."""
-    return run_guarded(self, job_id, get_settings(), _send_result)
-
-
-def _send_result(self: Task, job_id: int, settings: Settings) -> str:
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job

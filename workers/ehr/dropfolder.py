@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from core.settings import get_settings
 from ingest.ehr.dropfolder import scan_drop_folder
-from medbatch.settings import get_settings
 from workers.celery_app import TASK_EHR_SCAN, app
 from workers.dispatch import publish
 

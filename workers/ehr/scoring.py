@@ -1,10 +1,11 @@
 """One bucket of patients → model inputs → stored scores with their explanations (no Celery, no
 Triton here: the task in ``tasks.py`` wires these to the server, tests call them directly).
 
-Each model is called with its own inputs (``diabetes_lstm_attention``: the visit sequence;
-``cvd_autoencoder``: the latest profile), built by :mod:`workers.ehr.features`, the same code
-that built the training set. The explanation stored with a score is what a clinician reviewing
-it would ask for: which visits the model attended to, and which variables pushed the risk up.
+Each model is called with the inputs its registry entry declares (a sequence model: the latest
+visits; a profile model: each variable's latest value), built by :mod:`workers.ehr.features`,
+the same code that built the training set. No model is named here: what is stored follows from
+the outputs a model has. The explanation stored with a score is what a clinician reviewing it
+would ask for: which visits the model attended to, and which variables pushed the risk up.
 """
 
 from __future__ import annotations
@@ -26,12 +27,6 @@ from workers.ehr.features import (
     visit_sequences,
 )
 
-DIABETES = "diabetes_lstm_attention"
-CVD = "cvd_autoencoder"
-OUTPUTS: dict[str, list[str]] = {
-    DIABETES: ["RISK", "ATTENTION", "CONTRIBUTION"],
-    CVD: ["RISK", "RECON_ERROR", "OOD", "CONTRIBUTION"],
-}
 TOP_VISITS = 3
 TOP_VARIABLES = 3
 
@@ -88,25 +83,25 @@ def _no_input(model: str) -> str:
     return f"none of {model}'s input variables ({variables}) was measured for this patient"
 
 
-def diabetes_inputs(group: list[Patient]) -> ModelBatch:
-    schema = model_schema(DIABETES)
-    kept, seqs, skipped = [], [], []
-    all_seqs = visit_sequences([p.measurements for p in group], schema) if group else []
-    for p, seq in zip(group, all_seqs, strict=True):
-        if seq.observed.any():
-            kept.append(p)
-            seqs.append(seq)
-        else:
-            skipped.append((p, _no_input(DIABETES)))
-    inputs = stack_sequences(seqs) if seqs else {}
-    return ModelBatch(DIABETES, kept, inputs, seqs, skipped)
-
-
-def cvd_inputs(group: list[Patient]) -> ModelBatch:
-    schema = model_schema(CVD)
-    kept, values, observed, skipped = [], [], [], []
+def build_inputs(model: str, group: list[Patient]) -> ModelBatch:
+    """``model``'s inputs for ``group``; patients with none of its variables are set aside."""
+    schema = model_schema(model)
     if not group:
-        return ModelBatch(CVD, [], {}, None, [])
+        return ModelBatch(model, [], {}, [] if schema.sequence else None, [])
+    kept: list[Patient] = []
+    skipped: list[tuple[Patient, str]] = []
+    if schema.sequence:
+        seqs = []
+        for p, seq in zip(
+            group, visit_sequences([p.measurements for p in group], schema), strict=True
+        ):
+            if seq.observed.any():
+                kept.append(p)
+                seqs.append(seq)
+            else:
+                skipped.append((p, _no_input(model)))
+        return ModelBatch(model, kept, stack_sequences(seqs) if seqs else {}, seqs, skipped)
+    values, observed = [], []
     all_values, all_observed = latest_profiles([p.measurements for p in group], schema)
     for p, v, o in zip(group, all_values, all_observed, strict=True):
         if o.any():
@@ -114,9 +109,9 @@ def cvd_inputs(group: list[Patient]) -> ModelBatch:
             values.append(v)
             observed.append(o)
         else:
-            skipped.append((p, _no_input(CVD)))
+            skipped.append((p, _no_input(model)))
     inputs = {"VALUES": np.stack(values), "OBSERVED": np.stack(observed)} if kept else {}
-    return ModelBatch(CVD, kept, inputs, None, skipped)
+    return ModelBatch(model, kept, inputs, None, skipped)
 
 
 def not_scored_rows(
@@ -150,12 +145,14 @@ def score_rows(batch: ModelBatch, out: dict[str, np.ndarray], version: str) -> l
     contribution = out["CONTRIBUTION"].reshape(n, -1).astype(np.float64)
     rounded = np.round(contribution, 4).tolist()
     top_vars = np.argsort(-contribution, axis=1, kind="stable")[:, :TOP_VARIABLES].tolist()
-    if batch.sequences is not None:
+    attended = batch.sequences is not None and "ATTENTION" in out
+    if attended:
         raw_attention = out["ATTENTION"].reshape(n, -1).astype(np.float64)
         attention, attention4 = np.round(raw_attention, 5), np.round(raw_attention, 4)
-    else:
-        ood = out["OOD"].reshape(-1).tolist()
-        recon = out["RECON_ERROR"].reshape(-1).astype(np.float64).tolist()
+    ood = out["OOD"].reshape(-1).tolist() if "OOD" in out else None
+    recon = (
+        out["RECON_ERROR"].reshape(-1).astype(np.float64).tolist() if "RECON_ERROR" in out else None
+    )
     rows = []
     for i, p in enumerate(group):
         c = rounded[i]
@@ -179,27 +176,22 @@ def score_rows(batch: ModelBatch, out: dict[str, np.ndarray], version: str) -> l
         }
         if batch.sequences is not None:
             seq = batch.sequences[i]
-            weights = attention[i, : seq.length]
-            days = seq.visit_days.astype(str).tolist()
-            listed = weights.tolist()
-            explanation["attention"] = [[d, w] for d, w in zip(days, listed, strict=True)]
-            top = np.argsort(-weights, kind="stable")[:TOP_VISITS].tolist()
-            explanation["top_visits"] = [
-                {"day": days[v], "weight": float(attention4[i, v])} for v in top
-            ]
             row["visits"] = seq.length
+            if attended:
+                weights = attention[i, : seq.length]
+                days = seq.visit_days.astype(str).tolist()
+                listed = weights.tolist()
+                explanation["attention"] = [[d, w] for d, w in zip(days, listed, strict=True)]
+                top = np.argsort(-weights, kind="stable")[:TOP_VISITS].tolist()
+                explanation["top_visits"] = [
+                    {"day": days[v], "weight": float(attention4[i, v])} for v in top
+                ]
         else:
             row["visits"] = int(np.unique(p.measurements.timestamp.astype("datetime64[D]")).size)
+        if ood is not None:
             row["out_of_distribution"] = bool(ood[i])
+        if recon is not None:
             row["reconstruction_error"] = recon[i]
         row["explanation"] = explanation
         rows.append(row)
     return rows
-
-
-def build_inputs(model: str, group: list[Patient]) -> ModelBatch:
-    if model == DIABETES:
-        return diabetes_inputs(group)
-    if model == CVD:
-        return cvd_inputs(group)
-    raise KeyError(f"no input builder for model {model!r}")

@@ -19,16 +19,16 @@ import numpy as np
 from celery import Task
 from sqlalchemy import func, select
 
+from core.errors import InferenceError, InferenceUnavailableError
+from core.job_kinds import JobKind
+from core.model_registry import served_model
+from core.settings import Settings
 from db import audit
+from db.insert_ignore import insert_ignore
 from db.models import EhrScore, JobState, utcnow
 from db.session import session_scope
-from db.upsert import insert_ignore
 from ingest.ehr.spill import read_bucket
-from medbatch.errors import InferenceError, InferenceUnavailableError
-from medbatch.settings import Settings, get_settings
-from workers.celery_app import TASK_EHR_SCORE, app
 from workers.ehr.scoring import (
-    OUTPUTS,
     ModelBatch,
     Patient,
     build_inputs,
@@ -41,7 +41,7 @@ from workers.lifecycle import (
     claim,
     close,
     infer_or_wait,
-    run_guarded,
+    job_task,
     triton_infer,
     wait_for_triton,
 )
@@ -49,12 +49,6 @@ from workers.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
 from workers.metrics import ITEMS
 
 log = logging.getLogger(__name__)
-
-
-@app.task(name=TASK_EHR_SCORE, bind=True, max_retries=None)
-def score_batch(self: Task, job_id: int) -> str:
-    """Celery entry point; returns a short outcome word (kept in the worker log only)."""
-    return run_guarded(self, job_id, get_settings(), _score_batch)
 
 
 def _infer_isolating(
@@ -73,7 +67,7 @@ def _infer_isolating(
             batch.model,
             version,
             batch.inputs,
-            OUTPUTS[batch.model],
+            list(served_model(batch.model, settings).outputs),
             fail_on_refusal=False,
         )
     except InferenceError as exc:
@@ -138,7 +132,7 @@ class _Pipeline:
                     model,
                     version,
                     batch.inputs,
-                    OUTPUTS[model],
+                    list(served_model(model, self.settings).outputs),
                 )
                 if batch.patients
                 else None
@@ -202,7 +196,8 @@ def _groups(path: Path, size: int) -> Iterator[list[Patient]]:
         yield group
 
 
-def _score_batch(self: Task, job_id: int, settings: Settings) -> str:
+@job_task(JobKind.EHR_BATCH)
+def score_batch(self: Task, job_id: int, settings: Settings) -> str:
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job

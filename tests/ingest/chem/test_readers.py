@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rdkit import Chem
 
+from core.errors import InputError
 from ingest.chem.readers import LibraryReader
-from medbatch.errors import InputError
 
 
 def _read(path: Path, **kw: object) -> list:

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
+from core.errors import InputError
+from core.settings import Settings
 from db.models import ChunkItem, Job, JobState, LibraryEntry, Prediction, Rejection
 from db.session import session_scope
 from ingest.chem.submit import ScreenOptions, submit_library
-from medbatch.errors import InputError
-from medbatch.settings import Settings
 from tests.helpers import unique_valid
 
 

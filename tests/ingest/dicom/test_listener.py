@@ -12,9 +12,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import func, select
 
+from core.settings import Settings
 from db.models import AuditEvent, DicomInstance, DicomRejection, DicomStudy
 from db.session import session_scope
-from medbatch.settings import Settings
 from medbatch.stack.embedded import EmbeddedStack
 from tests.dicom_data import associate, dcmtk, make_series, storescu, truncate
 

@@ -12,11 +12,12 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import func, select
 
+from core.job_kinds import JobKind
+from core.settings import Settings
 from db.migrate import upgrade
-from db.models import DicomInstance, DicomRejection, DicomStudy, Job, JobKind
+from db.models import DicomInstance, DicomRejection, DicomStudy, Job
 from db.session import session_scope
 from ingest.dicom.listener import Listener
-from medbatch.settings import Settings
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import free_port
 from tests.dicom_data import associate, make_series

@@ -13,11 +13,11 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import func, select
 
+from core.settings import Settings
 from db.migrate import upgrade
 from db.models import DicomInstance
 from db.session import session_scope
 from ingest.dicom.listener import Listener
-from medbatch.settings import Settings
 from medbatch.stack.process import free_port
 from tests.dicom_data import make_series
 

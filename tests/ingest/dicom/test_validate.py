@@ -9,13 +9,13 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from core.errors import ConfigurationError, InstanceRefusedError
 from ingest.dicom.access import AccessPolicy, parse_allow_list
 from ingest.dicom.validate import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DOES_NOT_MATCH,
     inspect_instance,
 )
-from medbatch.errors import ConfigurationError, InstanceRefusedError
 from tests.dicom_data import CT_SMALL
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

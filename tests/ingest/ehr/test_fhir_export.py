@@ -14,10 +14,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from core.errors import InputError
 from ingest.ehr.fhir_export import export_sha256, fingerprint, open_export
 from ingest.ehr.fhir_reader import read_fhir
 from ingest.ehr.reader import detect_format
-from medbatch.errors import InputError
 from medbatch.synth.ehr_fhir import write_fhir_export
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from core.model_registry import ehr_models
 from ingest.ehr.schema import (
-    MODELS,
     VARIABLES,
     BlankRow,
     ImpossibleValue,
@@ -214,11 +214,11 @@ def test_model_schemas() -> None:
     dm = model_schema("diabetes_lstm_attention")
     assert dm.sequence and dm.max_visits == 20
     assert {"hba1c", "glucose", "sbp", "egfr", "age"} <= set(dm.variables)
-    cvd = MODELS["cvd_autoencoder"]
+    cvd = model_schema("cvd_autoencoder")
     assert not cvd.sequence and cvd.max_visits is None
     assert {"age", "sex", "smoker", "total_cholesterol", "hdl", "sbp"} <= set(cvd.variables)
-    for m in MODELS.values():
-        assert all(v in VARIABLES for v in m.variables)
+    for m in ehr_models():
+        assert all(v in VARIABLES for v in model_schema(m.name).variables)
     with pytest.raises(ValueError, match="undeclared variable"):
         ModelSchema("x", ("potassium",), sequence=False, max_visits=None)
     with pytest.raises(KeyError):

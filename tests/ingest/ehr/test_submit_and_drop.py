@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db.models import EhrDropFile, Job, JobKind, JobState
+from core.errors import ExtractRejectedError
+from core.job_kinds import JobKind
+from core.settings import Settings
+from db.models import EhrDropFile, Job, JobState
 from db.session import session_scope
 from ingest.ehr.dropfolder import scan_drop_folder
 from ingest.ehr.submit import submit_extract
-from medbatch.errors import ExtractRejectedError
-from medbatch.settings import Settings
 from medbatch.synth.ehr import write_long_csv, write_wide_csv
 from medbatch.synth.ehr_fhir import write_fhir_export
 

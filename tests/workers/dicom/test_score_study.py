@@ -12,9 +12,10 @@ import pytest
 from pydicom.uid import JPEG2000Lossless
 from sqlalchemy import select
 
-from db.models import DicomInstance, DicomResult, DicomStudy, Job, JobKind, JobState
+from core.job_kinds import JobKind
+from core.settings import Settings
+from db.models import DicomInstance, DicomResult, DicomStudy, Job, JobState
 from db.session import session_scope
-from medbatch.settings import Settings
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import port_open
 from tests.dicom_data import CT_SMALL, MR_SMALL, dcmtk, make_series, storescu

@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.served_models import CVD_AUTOENCODER, DIABETES_LSTM_ATTENTION
 from ingest.ehr.reader import read_extract
 from ingest.ehr.spill import BucketSpill, read_bucket
 from medbatch.synth.ehr import write_long_csv
-from workers.ehr.scoring import CVD, DIABETES, build_inputs, patients, score_rows
+from workers.ehr.scoring import build_inputs, patients, score_rows
+
+DIABETES, CVD = DIABETES_LSTM_ATTENTION.name, CVD_AUTOENCODER.name
 
 
 @pytest.fixture(scope="module")

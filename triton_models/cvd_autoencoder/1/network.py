@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-#: Input columns, in order: ``ingest.ehr.schema.MODELS["cvd_autoencoder"].variables``.
+#: Input columns, in order: ``ingest.ehr.schema.model_schema("cvd_autoencoder").variables``.
 VARIABLES: tuple[str, ...] = (
     "age",
     "sex",

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-#: Input columns, in order: ``ingest.ehr.schema.MODELS["diabetes_lstm_attention"].variables``.
+#: Input columns, in order: ``ingest.ehr.schema.model_schema("diabetes_lstm_attention").variables``.
 VARIABLES: tuple[str, ...] = (
     "age",
     "hba1c",
@@ -50,7 +50,7 @@ VARIABLES: tuple[str, ...] = (
     "triglycerides",
     "egfr",
 )
-#: Visits per sequence: ``MODELS["diabetes_lstm_attention"].max_visits``.
+#: Visits per sequence: ``model_schema("diabetes_lstm_attention").max_visits``.
 MAX_VISITS = 20
 N_FEATURES = len(VARIABLES)
 #: Hard physiological limits (canonical units) of each input: ``ingest.ehr.schema.VARIABLES``.

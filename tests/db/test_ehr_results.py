@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select
 
-from db.exports import export_results
-from db.models import AuditEvent, EhrScore, Job, JobKind, JobState, Rejection
+from core.job_kinds import JobKind
+from core.settings import Settings
+from db.models import AuditEvent, EhrScore, Job, JobState, Rejection
 from db.session import session_scope
 from medbatch.reports.ehr import render_ehr_report
+from medbatch.services.results import export_results
 
 N_PATIENTS = 30
 
@@ -88,8 +90,8 @@ def test_export_one_row_per_patient_then_rejections(
 ) -> None:
     extract_id = _seed(db_url)
     out = tmp_path / f"results{suffix}"
-    with session_scope(db_url) as session:
-        n = export_results(session, extract_id, out, actor="test", batch=7)  # several pages
+    settings = Settings(database_url=db_url, storage_dir=tmp_path)
+    n = export_results(settings, extract_id, out, actor="test", batch=7)  # several pages
     assert n == N_PATIENTS + 2
     if suffix == ".csv":
         with out.open() as fh:

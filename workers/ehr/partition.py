@@ -19,31 +19,25 @@ from typing import Any
 from celery import Task
 from sqlalchemy import update
 
+from core.errors import InputError
+from core.job_kinds import JobKind
+from core.settings import Settings
 from db import audit
+from db.insert_ignore import insert_ignore
 from db.jobs import finish_parent_if_complete, transition
-from db.models import Job, JobKind, JobState, Rejection, utcnow
+from db.models import Job, JobState, Rejection, utcnow
 from db.session import session_scope
-from db.upsert import insert_ignore
 from ingest.ehr.fhir_export import fingerprint
 from ingest.ehr.reader import LongBlock, read_extract
 from ingest.ehr.spill import Bucket, BucketSpill, bucket_count
-from medbatch.errors import InputError
-from medbatch.settings import Settings, get_settings
-from workers.celery_app import TASK_EHR_INGEST, app
 from workers.dispatch import publish
-from workers.lifecycle import Claim, claim, run_guarded
+from workers.lifecycle import Claim, claim, job_task
 from workers.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
 from workers.metrics import CHUNKS
 
 log = logging.getLogger(__name__)
 
 _PROGRESS_EVERY_S = 1.0
-
-
-@app.task(name=TASK_EHR_INGEST, bind=True, max_retries=None)
-def ingest_extract(self: Task, job_id: int) -> str:
-    """Celery entry point; returns a short outcome word (kept in the worker log only)."""
-    return run_guarded(self, job_id, get_settings(), _ingest)
 
 
 class _Progress:
@@ -151,7 +145,8 @@ def _check_unchanged(path: Path, params: dict[str, Any]) -> str | None:
     return None
 
 
-def _ingest(self: Task, job_id: int, settings: Settings) -> str:
+@job_task(JobKind.EHR_INGEST)
+def ingest_extract(self: Task, job_id: int, settings: Settings) -> str:
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job

@@ -19,6 +19,10 @@ class InputError(MedbatchError):
     """The submitted file cannot be read as a whole (not a single bad row: those are recorded)."""
 
 
+class SubmissionInProgressError(InputError):
+    """The same content is being submitted by another process at this very moment."""
+
+
 class ExtractRejectedError(InputError):
     """A dropped or submitted file is not an EHR extract; the rejection is recorded as a job."""
 
@@ -27,11 +31,19 @@ class ExtractRejectedError(InputError):
         self.job_id = job_id
 
 
-class JobStateError(MedbatchError):
-    """A job transition that the state machine does not allow (e.g. done → running)."""
+class NotFoundError(MedbatchError):
+    """The thing asked for does not exist (a job, a study, a token)."""
 
 
-class JobNotFoundError(MedbatchError):
+class AuthenticationError(MedbatchError):
+    """A request without a valid API token (none, unknown or revoked)."""
+
+
+class PermissionDeniedError(MedbatchError):
+    """The API token is valid but lacks the scope this operation needs."""
+
+
+class JobNotFoundError(NotFoundError):
     """No job with that id; `medbatch jobs` lists the ones that exist."""
 
 

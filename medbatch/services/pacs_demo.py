@@ -17,12 +17,11 @@ from typing import Any
 
 import pydicom
 from pynetdicom import AE, AllStoragePresentationContexts, StoragePresentationContexts, evt
-from sqlalchemy import select
 
-from db.models import TERMINAL_STATES, DicomResult, DicomStudy, Job, JobKind, JobState
-from db.session import session_scope
-from medbatch.errors import MedbatchError
-from medbatch.settings import Settings
+from core.errors import MedbatchError
+from core.settings import Settings
+from db.models import JobState
+from medbatch.services.studies import study_job_outcome
 from medbatch.stack.process import free_port
 
 DEMO_SCU = "MEDBATCH_DEMO"
@@ -105,20 +104,10 @@ def push(settings: Settings, paths: list[Path]) -> None:
 
 
 def _poll(settings: Settings, study: DemoStudy) -> bool:
-    with session_scope(settings.database_url) as session:
-        study_id = session.scalar(
-            select(DicomStudy.id).where(DicomStudy.study_uid == study.study_uid)
-        )
-        job = session.scalars(
-            select(Job).where(
-                Job.kind == JobKind.DICOM_STUDY.value, Job.source == f"dicom-study:{study_id}"
-            )
-        ).first()
-        if job is None or JobState(job.state) not in TERMINAL_STATES:
-            return False
-        study.state = job.state
-        result = session.scalars(select(DicomResult).where(DicomResult.job_id == job.id)).first()
-        study.probability = result.study_probability if result else None
+    outcome = study_job_outcome(settings, study.study_uid)
+    if outcome is None:
+        return False
+    study.state, study.probability = outcome
     return True
 
 

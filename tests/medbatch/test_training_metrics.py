@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medbatch.ehr_command import auroc
+from medbatch.training.metrics import auroc
 
 
 def test_auroc_counts_ordered_pairs_and_halves_ties() -> None:

@@ -7,11 +7,14 @@ under ``storage_dir``. Production overrides the URLs (see ``docker-compose.yml``
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.served_models import LUNG_CT_CNN, MOLECULE_GNN
 
 #: The repository's Triton model repository, when running from a checkout or an editable install.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +85,9 @@ class Settings(BaseSettings):
         "SMILES, InChIKey: ~0.45 ms of CPU per molecule). 1 = in the submitting process; raise "
         "it to the cores a large submission may use.",
     )
-    chem_model_name: str = "molecule_gnn"
+    chem_model_name: str = Field(
+        MOLECULE_GNN.name, description="The served model libraries are screened with."
+    )
     chem_model_version: str = "1"
 
     # --- PACS push (DICOM) ---------------------------------------------------------------------
@@ -97,8 +102,15 @@ class Settings(BaseSettings):
     dicom_allow_any_ae: bool = Field(
         False, description="Accept every calling AE (only for a closed test network)."
     )
-    dicom_max_associations: int = Field(16, ge=1)
+    dicom_max_associations: int = Field(16, ge=1, description="Per listener process.")
     dicom_max_pdu: int = Field(131072, ge=0, description="Largest PDU we receive; 0: unlimited.")
+    dicom_listener_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Listener processes sharing the port (SO_REUSEPORT): one process serves its "
+        "associations on about one core; raise it to the cores receiving may use.",
+    )
     dicom_quiet_period_s: float = Field(
         30.0, gt=0, description="A study is complete after this long without a new instance."
     )
@@ -109,7 +121,9 @@ class Settings(BaseSettings):
     dicom_destination: str = Field(
         "", description="Where results are C-STORE'd: 'AE@host:port'; empty: not sent."
     )
-    dicom_model_name: str = "lung_ct_cnn"
+    dicom_model_name: str = Field(
+        LUNG_CT_CNN.name, description="The served model received studies are scored with."
+    )
     dicom_model_version: str = "1"
     dicom_min_slices: int = Field(16, ge=2, description="Fewer axial CT slices: not applicable.")
 
@@ -139,6 +153,26 @@ class Settings(BaseSettings):
     ehr_triton_batch: int = Field(256, ge=1, le=256, description="Patients per Triton request.")
     ehr_diabetes_model_version: str = "1"
     ehr_cvd_model_version: str = "1"
+    extra_models: str = Field(
+        "",
+        description="Comma-separated modules whose MODELS list registers served models beside "
+        "the built-in ones (core/model_registry.py): a site's own EHR model, say.",
+    )
+
+    # --- the HTTP API and console ----------------------------------------------------------------
+    api_bind_address: str = Field("127.0.0.1", description="`medbatch serve` address.")
+    api_port: int = Field(8080, ge=0, le=65535, description="`medbatch serve` port.")
+    api_tls_cert: Path | None = Field(None, description="PEM certificate: the API speaks HTTPS.")
+    api_tls_key: Path | None = None
+    api_max_upload_bytes: int = Field(
+        4 << 30, ge=1 << 10, description="Largest library or extract accepted by upload (413)."
+    )
+    api_forwarded_allow_ips: str = Field(
+        "",
+        description="Reverse proxies trusted for X-Forwarded-For/-Proto (comma-separated IPs; "
+        "'*' for any). Empty: none, the peer address is the client.",
+    )
+    api_root_path: str = Field("", description="Path prefix when served behind a proxy, '/mb'.")
 
     metrics_host: str = Field("127.0.0.1", description="Bind address of the workers' /metrics.")
     metrics_port: int = Field(0, ge=0, description="Prometheus port of a worker; 0 turns it off.")
@@ -151,6 +185,20 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.storage_dir / 'medbatch.db').resolve()}"
         return self
+
+    @property
+    def api_url(self) -> str:
+        """Where `medbatch serve` answers (for people and for the console's links)."""
+        scheme = "https" if self.api_tls_cert else "http"
+        host = (
+            "127.0.0.1" if self.api_bind_address in ("0.0.0.0", "", "::") else self.api_bind_address
+        )
+        return f"{scheme}://{host}:{self.api_port}{self.api_root_path}"
+
+    @property
+    def upload_dir(self) -> Path:
+        """Uploaded libraries and extracts, one folder per content hash."""
+        return self.storage_dir / "uploads"
 
     @property
     def dicom_storage_dir(self) -> Path:
@@ -178,6 +226,18 @@ class Settings(BaseSettings):
             total += min(delay, self.triton_retry_max_s)
             delay *= 2
         return total
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process see exactly these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        key = f"MEDBATCH_{name.upper()}"
+        if value is None:  # unset optional setting: must not become the text "None"
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,114 @@
+"""The served models medbatch ships: one entry each, saying what Triton is asked, what comes
+back, and what medbatch makes of it. :mod:`core.model_registry` adds a site's own entries and
+answers lookups; scoring, storing, exports and reports loop over the entries, so a new model is its
+folder under ``triton_models/`` plus one entry; no other code names a model.
+
+The Triton side of each fact (tensor names, shapes, types) is the model's ``config.pbtxt``; a
+test checks that every entry's inputs and outputs are there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from core.job_kinds import Flow
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+
+@dataclass(frozen=True, eq=False)  # an entry is itself: compared and hashed by identity
+class ServedModel:
+    """A model Triton serves and how medbatch uses it.
+
+    ``outputs`` are the tensors the worker asks for. For EHR models, ``RISK`` and
+    ``CONTRIBUTION`` are required; ``ATTENTION`` (sequence models), ``OOD`` and ``RECON_ERROR``
+    are optional, and each one present adds its result field, export column and report section.
+    ``fields`` maps an output tensor to the name its value is stored and exported under (chem).
+    An EHR model reads ``variables`` (declared in ``ingest/ehr/schema.py``, in input order):
+    over the latest ``max_visits`` visits when it is a sequence model, else each variable's
+    latest value.
+    """
+
+    name: str
+    flow: Flow
+    title: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    description: str = ""
+    version_setting: str | None = None
+    default_version: str = "1"
+    fields: dict[str, str] = field(default_factory=dict)
+    variables: tuple[str, ...] = ()
+    max_visits: int | None = None
+    column_prefix: str = ""
+    truth_label: str | None = None
+    target_range: tuple[float, float] | None = None
+
+    def version(self, settings: Settings) -> str:
+        """The version to ask Triton for (a setting, so a site can pin or move it)."""
+        if self.version_setting is None:
+            return self.default_version
+        return str(getattr(settings, self.version_setting))
+
+    def has(self, output: str) -> bool:
+        return output in self.outputs
+
+
+MOLECULE_GNN = ServedModel(
+    name="molecule_gnn",
+    flow="chem",
+    title="aqueous solubility (logS)",
+    inputs=("ATOM_FEATS", "N_ATOMS", "BOND_INDEX", "BOND_FEATS", "N_BONDS"),
+    outputs=("LOGS",),
+    version_setting="chem_model_version",
+    fields={"LOGS": "logS"},
+    # logS range of the training set (Huuskonen, 1,025 molecules; see its model card):
+    # predictions outside it are extrapolations and are flagged as such.
+    target_range=(-11.62, 1.58),
+)
+LUNG_CT_CNN = ServedModel(
+    name="lung_ct_cnn",
+    flow="dicom",
+    title="nodule-like lesion in a chest CT",
+    inputs=("VOLUME",),
+    outputs=("STUDY_PROB", "SLICE_SCORES"),
+    version_setting="dicom_model_version",
+)
+DIABETES_LSTM_ATTENTION = ServedModel(
+    name="diabetes_lstm_attention",
+    flow="ehr",
+    title="diabetes-complication risk",
+    description="diabetes-complication risk from the visit sequence, attention weight per visit",
+    inputs=("VALUES", "OBSERVED", "DT_YEARS", "LENGTH"),
+    outputs=("RISK", "ATTENTION", "CONTRIBUTION"),
+    version_setting="ehr_diabetes_model_version",
+    variables=tuple(
+        ["age", "hba1c", "glucose", "sbp", "dbp", "bmi", "ldl", "hdl", "triglycerides", "egfr"]
+    ),
+    max_visits=20,
+    column_prefix="diabetes",
+    truth_label="diabetes_complication_label",
+)
+CVD_AUTOENCODER = ServedModel(
+    name="cvd_autoencoder",
+    flow="ehr",
+    title="CVD risk",
+    description="CVD risk from the latest profile; reconstruction error flags "
+    "out-of-distribution profiles",
+    inputs=("VALUES", "OBSERVED"),
+    outputs=("RISK", "RECON_ERROR", "OOD", "CONTRIBUTION"),
+    version_setting="ehr_cvd_model_version",
+    variables=tuple(
+        ["age", "sex", "sbp", "dbp", "bmi", "total_cholesterol", "hdl", "ldl", "smoker", "hba1c"]
+    ),
+    column_prefix="cvd",
+    truth_label="cvd_label",
+)
+BUILTIN: tuple[ServedModel, ...] = (
+    MOLECULE_GNN,
+    LUNG_CT_CNN,
+    DIABETES_LSTM_ATTENTION,
+    CVD_AUTOENCODER,
+)

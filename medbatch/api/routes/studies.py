@@ -1,0 +1,44 @@
+"""Received DICOM studies and the results medbatch produced for them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from medbatch.api.auth import Reader, settings_of
+from medbatch.services.studies import StudyInfo, list_studies, show_study
+
+router = APIRouter(prefix="/api/v1/studies", tags=["studies"])
+
+
+def _study(info: StudyInfo) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value.isoformat() if hasattr(value, "isoformat") else value
+
+    body: dict[str, Any] = plain(asdict(info))
+    body["links"] = {"self": f"/api/v1/studies/{info.study_uid}"}
+    return body
+
+
+@router.get("")
+def studies(
+    request: Request,
+    token: Reader,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> dict[str, Any]:
+    """The newest received studies with their newest result."""
+    found = list_studies(settings_of(request), actor=token.actor, limit=limit)
+    return {"studies": [_study(s) for s in found]}
+
+
+@router.get("/{study_uid}")
+def study(request: Request, study_uid: str, token: Reader) -> dict[str, Any]:
+    """One study: its series, every result version with per-slice scores, the SR and the
+    secondary capture it produced, its scoring jobs."""
+    return _study(show_study(settings_of(request), study_uid, actor=token.actor))

@@ -1,0 +1,154 @@
+"""EHR extracts: register one for scoring, follow its ingest and scoring, and what came of it."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from core.job_kinds import JobKind
+from core.model_registry import served_model
+from core.settings import Settings
+from db.jobs import get_job
+from db.models import TERMINAL_STATES, EhrScore, Job, JobState
+from db.session import session_scope
+from ingest.ehr.submit import ExtractSubmission
+from medbatch.services.stack import prepare_submission
+from medbatch.training.metrics import auroc
+
+
+@dataclass(frozen=True)
+class ExtractProgress:
+    """An extract's ingest (bytes read of the stored file, rows) and scoring (batches)."""
+
+    job_id: int
+    state: str
+    size_bytes: int
+    bytes_read: int
+    accepted_rows: int
+    rejected_rows: int
+    ingest_done: bool
+    batches: dict[str, int] = field(default_factory=dict)  # state → count
+
+    @property
+    def terminal(self) -> bool:
+        return JobState(self.state).terminal
+
+    @property
+    def batches_total(self) -> int:
+        return sum(self.batches.values())
+
+    @property
+    def batches_finished(self) -> int:
+        return sum(n for s, n in self.batches.items() if JobState(s) in TERMINAL_STATES)
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    job_id: int
+    source: str
+    state: str
+    error: str | None
+    accepted_rows: int
+    rejected_rows: int
+    rejected_by_kind: dict[str, int]
+    patients_scored: int
+    out_of_distribution: int
+    batches: int
+    skipped: dict[str, int] = field(default_factory=dict)  # FHIR: entered-in-error, …
+    unknown_codes: dict[str, int] = field(default_factory=dict)  # FHIR: codes no model uses
+
+
+def submit_extract(
+    settings: Settings, path: Path, *, actor: str, force: bool = False
+) -> ExtractSubmission:
+    """Register an extract, once per content: its ingest is queued, or the job that already
+    holds this content is returned. A file that is not an extract is a rejected job."""
+    from ingest.ehr.submit import submit_extract as submit
+    from workers.dispatch import publish
+
+    prepare_submission(settings)
+    return submit(path, settings, publish, force=force, actor=actor)
+
+
+def extract_progress(settings: Settings, extract_id: int) -> ExtractProgress:
+    with session_scope(settings.database_url) as session:
+        extract = get_job(session, extract_id)
+        ingest = session.scalars(
+            select(Job).where(Job.parent_id == extract_id, Job.kind == JobKind.EHR_INGEST.value)
+        ).first()
+        states = session.execute(
+            select(Job.state, func.count())
+            .where(Job.parent_id == extract_id, Job.kind == JobKind.EHR_BATCH.value)
+            .group_by(Job.state)
+        ).all()
+        summary = dict(ingest.summary or {}) if ingest is not None else {}
+        size = int((ingest.params if ingest is not None else extract.params).get("size_bytes", 0))
+        return ExtractProgress(
+            job_id=extract_id,
+            state=extract.state,
+            size_bytes=size,
+            bytes_read=int(summary.get("bytes_read", 0)),
+            accepted_rows=int(summary.get("accepted_rows", 0)),
+            rejected_rows=int(summary.get("rejected_rows", 0)),
+            ingest_done=ingest is not None and ingest.state == JobState.DONE.value,
+            batches={str(s): int(n) for s, n in states},
+        )
+
+
+def extract_summary(settings: Settings, extract_id: int) -> ExtractSummary:
+    """Rows accepted and rejected (by reason), patients scored, profiles out of distribution."""
+    with session_scope(settings.database_url) as session:
+        job = get_job(session, extract_id)
+        patients = session.scalar(
+            select(func.count(func.distinct(EhrScore.patient_id))).where(
+                EhrScore.extract_id == extract_id
+            )
+        )
+        ood = session.scalar(
+            select(func.count())
+            .select_from(EhrScore)
+            .where(EhrScore.extract_id == extract_id, EhrScore.out_of_distribution.is_(True))
+        )
+        c = dict(job.summary or {})
+        return ExtractSummary(
+            job_id=extract_id,
+            source=job.source,
+            state=job.state,
+            error=job.error,
+            accepted_rows=int(c.get("accepted_rows", 0)),
+            rejected_rows=int(c.get("rejected_rows", 0)),
+            rejected_by_kind={str(k): int(v) for k, v in c.get("rejected_by_kind", {}).items()},
+            patients_scored=int(patients or 0),
+            out_of_distribution=int(ood or 0),
+            batches=int(c.get("buckets", 0)),
+            skipped={str(k): int(v) for k, v in c.get("skipped", {}).items()},
+            unknown_codes={str(k): int(v) for k, v in c.get("unknown_codes", {}).items()},
+        )
+
+
+def truth_auroc(settings: Settings, extract_id: int, truth_csv: Path) -> dict[str, float | None]:
+    """AUROC of each model's stored risks against the synthetic generator's ground truth (the
+    demo's check: a real extract has no truth file); models without a truth column are left
+    out."""
+    with truth_csv.open() as fh:
+        truth = {r["patient_id"]: r for r in csv.DictReader(fh)}
+    found: dict[str, tuple[list[float], list[int]]] = {}
+    with session_scope(settings.database_url) as session:
+        models = dict(get_job(session, extract_id).params.get("models", {}))
+        labels = {m: served_model(m, settings).truth_label for m in models}
+        for m, label in labels.items():
+            if label is not None:
+                found[m] = ([], [])
+        for model, patient_id, risk in session.execute(
+            select(EhrScore.model_name, EhrScore.patient_id, EhrScore.risk).where(
+                EhrScore.extract_id == extract_id
+            )
+        ):
+            label = labels.get(model)
+            if label is not None and patient_id in truth and risk is not None:
+                found[model][0].append(float(risk))
+                found[model][1].append(int(truth[patient_id][label]))
+    return {m: auroc(*found[m]) for m in found}

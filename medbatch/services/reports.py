@@ -1,0 +1,42 @@
+"""An HTML report of a job's results: what its kind of job shows people."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from core.errors import InputError
+from core.job_kinds import JobKind
+from core.settings import Settings
+from db.jobs import get_job
+from db.session import session_scope
+from medbatch.reports.ehr import render_ehr_report
+from medbatch.reports.screening import render_screening_report
+
+
+def write_report(
+    session: Session, job_id: int, out: Path, *, actor: str, patients: list[str] | None = None
+) -> Path:
+    """Render the job's report to ``out`` (audited); ``patients`` are drawn in an EHR report."""
+    kind = get_job(session, job_id).kind
+    if kind == JobKind.EHR_EXTRACT.value:
+        return render_ehr_report(session, job_id, out, actor=actor, patients=patients)
+    if kind == JobKind.CHEM_SCREEN.value:
+        return render_screening_report(session, job_id, out, actor=actor)
+    raise InputError(
+        f"job {job_id} is a {kind} job; reports are made per screening job or EHR extract job"
+    )
+
+
+def render_report(
+    settings: Settings,
+    job_id: int,
+    out: Path,
+    *,
+    actor: str,
+    patients: list[str] | None = None,
+) -> Path:
+    """``medbatch report JOB --out FILE``: the job's HTML report written to ``out``."""
+    with session_scope(settings.database_url) as session:
+        return write_report(session, job_id, out, actor=actor, patients=patients)
