@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from core.settings import Settings
 from db import audit
 from db.insert_ignore import insert_ignore
 from db.jobs import transition
-from db.models import DicomInstance, DicomResult, Job, JobState, utcnow
+from db.models import DicomInstance, DicomOutput, DicomResult, Job, JobState, utcnow
 from db.session import session_scope
 from ingest.dicom.files import write_atomic
 from workers.dicom.outputs import (
@@ -106,10 +107,24 @@ def score_study(self: Task, job_id: int, settings: Settings) -> str:
         slice_headers, slice_hu(chosen.slices[top].path), result, series_number=SC_SERIES_NUMBER
     )
     out_dir = results_dir(settings, study_id, version)
+    produced: list[Produced] = []
     for name, ds in (("sr.dcm", sr), ("sc.dcm", sc)):
-        write_atomic(out_dir / name, _encode(ds))
+        encoded = _encode(ds)
+        write_atomic(out_dir / name, encoded)
+        produced.append(Produced(out_dir / name, ds, len(encoded)))
 
-    return _store_result(job, settings, chosen.series_uid, result, slice_headers, top, out_dir)
+    return _store_result(
+        job, settings, chosen.series_uid, result, slice_headers, top, out_dir, produced
+    )
+
+
+@dataclass(frozen=True)
+class Produced:
+    """A DICOM object written for a result (registered for DICOMweb search and retrieval)."""
+
+    path: Path
+    dataset: pydicom.Dataset
+    size_bytes: int
 
 
 def _encode(ds: pydicom.Dataset) -> bytes:
@@ -126,6 +141,7 @@ def _store_result(
     slice_headers: list[pydicom.Dataset],
     top: int,
     out_dir: Path,
+    produced: list[Produced],
 ) -> str:
     study_id, version = int(job.params["study_id"]), int(job.params["version"])
     actor = audit.current_actor("worker")
@@ -163,6 +179,26 @@ def _store_result(
                 DicomResult.version == version,
                 DicomResult.model_name == result.model_name,
             )
+        )
+        insert_ignore(
+            session,
+            DicomOutput,
+            [
+                {
+                    "study_id": study_id,
+                    "result_id": result_id,
+                    "series_uid": str(p.dataset.SeriesInstanceUID),
+                    "sop_instance_uid": str(p.dataset.SOPInstanceUID),
+                    "sop_class_uid": str(p.dataset.SOPClassUID),
+                    "modality": str(p.dataset.Modality),
+                    "series_number": int(p.dataset.SeriesNumber),
+                    "path": str(p.path.relative_to(settings.storage_dir)),
+                    "size_bytes": p.size_bytes,
+                    "created_at": utcnow(),
+                }
+                for p in produced
+            ],
+            ("sop_instance_uid",),
         )
         transition(
             session,
