@@ -39,7 +39,13 @@ from workers.dicom.outputs import (
     most_suspicious_index,
 )
 from workers.dicom.preprocess import model_input, source_slice_scores
-from workers.dicom.sendback import Destination, send_files
+from workers.dicom.sendback import (
+    DICOMWEB,
+    Destination,
+    WebDestination,
+    send_dicomweb,
+    send_files,
+)
 from workers.dicom.series import (
     NotApplicable,
     choose_series,
@@ -213,13 +219,18 @@ def _store_result(
             },
             details={"action": "dicom.result", "result_id": result_id},
         )
-        if settings.dicom_destination:
+        destination = (
+            DICOMWEB + settings.dicomweb_destination
+            if settings.dicomweb_destination
+            else settings.dicom_destination
+        )
+        if destination:
             sender = Job(
                 kind=JobKind.DICOM_SEND.value,
                 parent_id=None,
                 source=f"dicom-result:{result_id}",
-                idempotency_key=f"dicom-send:{result_id}:{settings.dicom_destination}",
-                params={"result_id": result_id, "destination": settings.dicom_destination},
+                idempotency_key=f"dicom-send:{result_id}:{destination}"[:128],
+                params={"result_id": result_id, "destination": destination},
                 item_count=2,
             )
             session.add(sender)
@@ -237,24 +248,39 @@ def _store_result(
 
 @job_task(JobKind.DICOM_SEND)
 def send_result(self: Task, job_id: int, settings: Settings) -> str:
-    """C-STORE a result's SR and key image to the destination AE; waits while it is down."""
+    """Send a result's SR and key image to the destination (C-STORE to an AE, or STOW-RS to
+    a DICOMweb service); waits while it is down."""
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job
     with session_scope(settings.database_url) as session:
         row = session.get(DicomResult, int(job.params["result_id"]))
         paths = [settings.storage_dir / p for p in (row.sr_path, row.sc_path) if p] if row else []
-    destination = Destination.parse(str(job.params["destination"]))
+    target = str(job.params["destination"])
     try:
-        send_files(destination, settings.dicom_ae_title, paths)
+        if target.startswith(DICOMWEB):
+            name, setting = target.removeprefix(DICOMWEB), "MEDBATCH_DICOMWEB_DESTINATION"
+            send_dicomweb(
+                WebDestination(
+                    name,
+                    token=settings.dicomweb_destination_token,
+                    user=settings.dicomweb_destination_user,
+                    password=settings.dicomweb_destination_password,
+                ),
+                paths,
+            )
+        else:
+            destination = Destination.parse(target)
+            name, setting = destination.ae_title, "MEDBATCH_DICOM_DESTINATION"
+            send_files(destination, settings.dicom_ae_title, paths)
     except DicomDestinationUnavailableError as exc:
         return wait_or_fail(
             self,
             job,
             settings,
             exc,
-            what=f"destination {destination.ae_title}",
-            remedy="Check the PACS and MEDBATCH_DICOM_DESTINATION, then `medbatch retry`.",
+            what=f"destination {name}",
+            remedy=f"Check the PACS and {setting}, then `medbatch retry`.",
         )
     except DicomSendError as exc:
         close(job, JobState.FAILED, settings, error=str(exc))
@@ -263,6 +289,6 @@ def send_result(self: Task, job_id: int, settings: Settings) -> str:
         job,
         JobState.DONE,
         settings,
-        summary={"sent": len(paths), "to": destination.ae_title},
+        summary={"sent": len(paths), "to": name},
     )
     return "done"
