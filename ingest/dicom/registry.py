@@ -417,6 +417,8 @@ class GroupCommitter:
                     "study_uid": uid,
                     "patient_digest": firsts[uid].inst.patient_digest,
                     "calling_ae": firsts[uid].calling_ae,
+                    "accession_number": firsts[uid].inst.accession_number or None,
+                    "study_date": firsts[uid].inst.study_date or None,
                     "open": True,
                     "version": 0,
                     "instance_count": 0,

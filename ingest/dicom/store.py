@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.errors import InstanceRefusedError
 from core.settings import Settings
@@ -27,6 +27,7 @@ from ingest.dicom.registry import Duplicate, GroupCommitter, NewInstance, Refusa
 from ingest.dicom.validate import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
+    STATUS_WRONG_STUDY,
     ReceivedInstance,
     inspect_instance,
 )
@@ -55,10 +56,25 @@ class StoreResult:
     comment: str = ""
     study_id: int | None = None
     stored: bool = False  # False: a resend of an instance already stored, or a failure
+    #: What the instance said it is (None where it could not be read that far).
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == STATUS_SUCCESS
+
+
+def _described(result: StoreResult, inst: ReceivedInstance) -> StoreResult:
+    return replace(
+        result,
+        sop_class_uid=inst.sop_class_uid,
+        sop_instance_uid=inst.sop_instance_uid,
+        study_uid=inst.study_uid,
+        series_uid=inst.series_uid,
+    )
 
 
 class InstanceStore:
@@ -82,11 +98,14 @@ class InstanceStore:
         *,
         sop_class_uid: str | None = None,
         sop_instance_uid: str | None = None,
+        study_uid: str | None = None,
     ) -> StoreResult:
         """Store one instance given as DICOM file format bytes.
 
         ``sop_class_uid``/``sop_instance_uid``: what the transfer announced (negotiated
         context, C-STORE request), checked against the dataset; None where there is none.
+        ``study_uid``: the study the sender addressed (STOW-RS to ``/studies/{study}``); an
+        instance of another study is refused.
         """
         try:
             inst = inspect_instance(
@@ -94,11 +113,20 @@ class InstanceStore:
             )
         except InstanceRefusedError as exc:
             return self._refuse(sender, sop_class_uid, sop_instance_uid, exc.status, exc.reason)
+        if study_uid is not None and inst.study_uid != study_uid:
+            refused = self._refuse(
+                sender,
+                inst.sop_class_uid,
+                inst.sop_instance_uid,
+                STATUS_WRONG_STUDY,
+                "the instance belongs to another study than the one addressed",
+            )
+            return _described(refused, inst)
         try:
-            return self._store_valid(inst, encoded, sender)
+            return _described(self._store_valid(inst, encoded, sender), inst)
         except Exception as exc:  # storage or database trouble: the sender must retry
             log.exception("could not store an instance from AE %r", sender.ae_title)
-            return self._refuse(
+            refused = self._refuse(
                 sender,
                 sop_class_uid or inst.sop_class_uid,
                 inst.sop_instance_uid,
@@ -107,6 +135,7 @@ class InstanceStore:
                 "should retry once storage/database are back",
                 comment=f"storage failed ({type(exc).__name__}); retry later",
             )
+            return _described(refused, inst)
 
     def _store_valid(self, inst: ReceivedInstance, encoded: bytes, sender: Sender) -> StoreResult:
         ae = sender.ae_title[:16]

@@ -26,6 +26,8 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
+#: STOW-RS to /studies/{study} with an instance of another study (as Azure and Orthanc answer).
+STATUS_WRONG_STUDY = 0xA901
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -43,6 +45,8 @@ class ReceivedInstance:
     transfer_syntax_uid: str
     modality: str
     patient_digest: str
+    accession_number: str = ""  # what a DICOMweb search (QIDO-RS) finds a study by
+    study_date: str = ""
 
 
 def _refuse(status: int, reason: str) -> InstanceRefusedError:
@@ -146,4 +150,6 @@ def inspect_instance(
         transfer_syntax_uid=str(transfer_syntax),
         modality=str(ds.get("Modality", "") or "")[:16],
         patient_digest=subject_digest(str(ds.get("PatientID", "") or "")),
+        accession_number=str(ds.get("AccessionNumber", "") or "")[:16],
+        study_date=str(ds.get("StudyDate", "") or "")[:8],
     )
