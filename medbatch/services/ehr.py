@@ -57,6 +57,8 @@ class ExtractSummary:
     patients_scored: int
     out_of_distribution: int
     batches: int
+    skipped: dict[str, int] = field(default_factory=dict)  # FHIR: entered-in-error, …
+    unknown_codes: dict[str, int] = field(default_factory=dict)  # FHIR: codes no model uses
 
 
 def submit_extract(
@@ -122,6 +124,8 @@ def extract_summary(settings: Settings, extract_id: int) -> ExtractSummary:
             patients_scored=int(patients or 0),
             out_of_distribution=int(ood or 0),
             batches=int(c.get("buckets", 0)),
+            skipped={str(k): int(v) for k, v in c.get("skipped", {}).items()},
+            unknown_codes={str(k): int(v) for k, v in c.get("unknown_codes", {}).items()},
         )
 
 

@@ -3,8 +3,9 @@
 and their tests.
 
 A cohort is built the way the nightly path sees patients: ``medbatch.synth.ehr.write_long_csv``
-writes a long extract, ``ingest.ehr.reader.read_long`` reads it back (rejected rows dropped, units
-converted) and the accepted rows are grouped per patient into
+writes a long extract (or ``write_fhir_export`` a FHIR ``$export`` of the same patients),
+``ingest.ehr.reader.read_extract``, the worker's own entry point, reads it back (rejected rows
+dropped, units converted) and the accepted rows are grouped per patient into
 ``workers.ehr.features.PatientMeasurements``; labels and the true generating probability come
 from the extract's truth sidecar, which serving never sees. Keeping this in one place means both
 models are trained, and re-checked by their tests, on exactly the same reading of the data.
@@ -22,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ingest.ehr.reader import read_long
-from medbatch.synth.ehr import write_long_csv
+from ingest.ehr.reader import read_extract
+from medbatch.synth.ehr import SynthStats, write_long_csv
 from medbatch.training.metrics import contribution_summary, held_out_results, logistic_baseline
 from workers.ehr.features import PatientMeasurements
 
@@ -48,16 +49,23 @@ class Cohort:
     accepted: int  # measurements the reader accepted
 
 
-def load_cohort(n: int, seed: int, workdir: Path, outcome: str) -> Cohort:
-    """Write a long extract of ``n`` patients, read it back with the ingest's reader and group
-    the accepted rows per patient (patients in generation order; one with no accepted row, if
-    any, is dropped: the worker could not score it either). ``outcome`` names the truth
-    columns ``<outcome>_label`` and ``<outcome>_prob``."""
-    path = workdir / f"extract-{seed}-{n}.csv"
-    stats = write_long_csv(path, n, seed)
+def load_cohort(n: int, seed: int, workdir: Path, outcome: str, fmt: str = "long") -> Cohort:
+    """Write an extract of ``n`` patients (``long`` CSV, or ``fhir``: a $export), read it back
+    with the ingest's reader and group the accepted rows per patient (patients in generation
+    order; one with no accepted row, if any, is dropped: the worker could not score it
+    either). ``outcome`` names the truth columns ``<outcome>_label`` and ``<outcome>_prob``."""
+    stats: SynthStats
+    if fmt == "fhir":
+        from medbatch.synth.ehr_fhir import write_fhir_export
+
+        path = workdir / f"export-{seed}-{n}"
+        stats = write_fhir_export(path, n, seed)
+    else:
+        path = workdir / f"extract-{seed}-{n}.csv"
+        stats = write_long_csv(path, n, seed)
     with stats.truth_path.open(newline="") as f:
         truth = list(csv.DictReader(f))
-    blocks = list(read_long(path))
+    blocks = list(read_extract(path))
     pid = np.concatenate([b.patient_id.to_numpy(zero_copy_only=False) for b in blocks])
     stamp = np.concatenate([b.timestamp for b in blocks])
     var = np.concatenate([b.variable for b in blocks])

@@ -192,6 +192,29 @@ def test_an_ehr_extract_is_submitted_and_its_results_fetched(api: Api, tmp_path:
     assert body["job_id"]  # the rejection is recorded as a job
 
 
+def test_a_zipped_fhir_export_is_an_extract_too(api: Api, tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    from medbatch.synth.ehr_fhir import write_fhir_export
+
+    stats = write_fhir_export(tmp_path / "bulk", 30, seed=29, messiness=0.05)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(stats.path.iterdir()):
+            zf.write(p, f"bulk/{p.name}")
+    with api.client("submit") as c:
+        answer = c.post("/api/v1/ehr/extracts", files={"file": ("bulk.zip", buffer.getvalue())})
+        assert answer.status_code == 201, answer.text
+        job = _wait_done(c, answer.json()["id"])
+        assert job["state"] == "done", job
+        got = c.get(f"/api/v1/jobs/{job['id']}/results", params={"format": "ndjson"})
+    rows = [json.loads(line) for line in got.text.splitlines()]
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert len(rejected) == stats.broken_rows
+    assert all(r["reason"].startswith("bulk/Observation-0001.ndjson, line ") for r in rejected)
+
+
 # --- retry ---------------------------------------------------------------------------------------
 def test_admin_retries_a_failed_chunk(api: Api, nci_smiles: list[tuple[str, str]]) -> None:
     # A chunk that failed earlier (as after a long Triton outage), holding one known molecule.
