@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -11,6 +12,7 @@ from sqlalchemy import func, select
 from core.job_kinds import JobKind
 from core.model_registry import served_model
 from core.settings import Settings
+from db import audit
 from db.jobs import get_job
 from db.models import TERMINAL_STATES, EhrScore, Job, JobState
 from db.session import session_scope
@@ -57,6 +59,8 @@ class ExtractSummary:
     patients_scored: int
     out_of_distribution: int
     batches: int
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 def submit_extract(
@@ -123,6 +127,61 @@ def extract_summary(settings: Settings, extract_id: int) -> ExtractSummary:
             out_of_distribution=int(ood or 0),
             batches=int(c.get("buckets", 0)),
         )
+
+
+def list_extracts(
+    settings: Settings, *, actor: str, limit: int = 50, before_id: int | None = None
+) -> list[ExtractSummary]:
+    """The newest extracts with their counts (rows accepted and rejected, patients scored,
+    profiles out of distribution): three queries for the whole page (the console's list)."""
+    query = (
+        select(Job)
+        .where(Job.kind == JobKind.EHR_EXTRACT.value)
+        .order_by(Job.id.desc())
+        .limit(limit)
+    )
+    if before_id is not None:
+        query = query.where(Job.id < before_id)
+    with session_scope(settings.database_url) as session:
+        audit.append(session, actor=actor, action="jobs.read", subject="ehr-extract:*")
+        jobs = list(session.scalars(query))
+        ids = [j.id for j in jobs]
+        patients = dict(
+            session.execute(
+                select(EhrScore.extract_id, func.count(func.distinct(EhrScore.patient_id)))
+                .where(EhrScore.extract_id.in_(ids))
+                .group_by(EhrScore.extract_id)
+            ).all()
+        )
+        ood = dict(
+            session.execute(
+                select(EhrScore.extract_id, func.count())
+                .where(EhrScore.extract_id.in_(ids), EhrScore.out_of_distribution.is_(True))
+                .group_by(EhrScore.extract_id)
+            ).all()
+        )
+        out = []
+        for job in jobs:
+            c = dict(job.summary or {})
+            out.append(
+                ExtractSummary(
+                    job_id=int(job.id),
+                    source=job.source,
+                    state=job.state,
+                    error=job.error,
+                    accepted_rows=int(c.get("accepted_rows", 0)),
+                    rejected_rows=int(c.get("rejected_rows", 0)),
+                    rejected_by_kind={
+                        str(k): int(v) for k, v in c.get("rejected_by_kind", {}).items()
+                    },
+                    patients_scored=int(patients.get(job.id, 0)),
+                    out_of_distribution=int(ood.get(job.id, 0)),
+                    batches=int(c.get("buckets", 0)),
+                    created_at=job.created_at,
+                    finished_at=job.finished_at,
+                )
+            )
+        return out
 
 
 def truth_auroc(settings: Settings, extract_id: int, truth_csv: Path) -> dict[str, float | None]:

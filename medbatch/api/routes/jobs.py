@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from core.job_kinds import JobKind
 from medbatch.api.auth import Admin, Reader, settings_of
+from medbatch.api.security import report_headers
 from medbatch.services import jobs as job_service
 from medbatch.services.jobs import JobState
 from medbatch.services.reports import render_report
@@ -120,7 +121,8 @@ def report(
             actor=token.actor,
             patients=patient,
         )
-        return HTMLResponse(page.read_text(encoding="utf-8"))
+        html = page.read_text(encoding="utf-8")
+    return HTMLResponse(html, headers=report_headers(html))
 
 
 @router.post("/{job_id}/retry")

@@ -19,14 +19,13 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from core.job_kinds import JobKind
-from db.jobs import transition
-from db.models import AuditEvent, ChunkItem, Compound, Job, JobState
+from db.models import AuditEvent
 from db.session import session_scope
 from medbatch.cli import app
 from medbatch.services.results import export_results
 from medbatch.synth.ehr import write_long_csv
 from tests.helpers import unique_valid
-from tests.medbatch.api.conftest import UPLOAD_LIMIT, Api
+from tests.medbatch.api.conftest import UPLOAD_LIMIT, Api, failed_chunk
 
 pytestmark = [pytest.mark.server]
 
@@ -194,22 +193,7 @@ def test_an_ehr_extract_is_submitted_and_its_results_fetched(api: Api, tmp_path:
 
 # --- retry ---------------------------------------------------------------------------------------
 def test_admin_retries_a_failed_chunk(api: Api, nci_smiles: list[tuple[str, str]]) -> None:
-    # A chunk that failed earlier (as after a long Triton outage), holding one known molecule.
-    with session_scope(api.settings.database_url) as session:
-        compound = session.scalars(select(Compound).limit(1)).one()
-        chunk = Job(
-            kind=JobKind.CHEM_CHUNK.value,
-            source="retry-test",
-            idempotency_key="retry-test-chunk",
-            params={"model_name": api.settings.chem_model_name, "model_version": "1"},
-        )
-        session.add(chunk)
-        session.flush()
-        session.add(ChunkItem(job_id=chunk.id, position=0, compound_id=compound.id))
-        for state in (JobState.QUEUED, JobState.RUNNING):
-            transition(session, chunk.id, state, actor="test")
-        transition(session, chunk.id, JobState.FAILED, actor="test", error="Triton was down")
-        chunk_id = int(chunk.id)
+    chunk_id = failed_chunk(api.settings, "retry-test")
     with api.client("admin") as admin:
         answer = admin.post(f"/api/v1/jobs/{chunk_id}/retry")
         assert answer.status_code == 200 and answer.json()["requeued"] == [chunk_id]
