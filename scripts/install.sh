@@ -25,4 +25,14 @@ if ! command -v storescu >/dev/null; then
     echo "warning: DCMTK is not installed (apt-get install dcmtk); the DICOM tests need it" >&2
   fi
 fi
+# Chromium and its driver (Debian's packages): the operator console's browser tests drive them
+# with Playwright; Playwright's own browser downloads are never used.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; }
+  else
+    echo "warning: chromium is not installed (apt-get install chromium chromium-driver); the console's browser tests need it" >&2
+  fi
+fi
 .venv/bin/python -c 'import torch, torch_geometric, rdkit, tritonclient.grpc, pytriton; print("medbatch installed: torch", torch.__version__)'

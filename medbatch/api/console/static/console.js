@@ -9,7 +9,7 @@
   const base = document.body.dataset.base || "";
   const CONSOLE = { "X-Medbatch-Console": "1" };
   const TERMINAL = new Set(["done", "failed", "rejected", "not_applicable"]);
-  const POLL_MS = 1500;
+  const POLL_MS = 1000;
 
   function say(el, text, kind) {
     if (!el) return;

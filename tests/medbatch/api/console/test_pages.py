@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -24,11 +26,15 @@ from tests.medbatch.api.conftest import Api
 PAGES = ["/", "/jobs", "/studies", "/extracts", "/failures", "/submit"]
 
 
-def _session(api: Api, scope: str) -> httpx.Client:
-    client = httpx.Client(base_url=api.url, timeout=120, follow_redirects=False)
-    signed = client.post("/api/v1/session", json={"token": api.tokens[scope]})
-    assert signed.status_code == 200, signed.text
-    return client
+@contextmanager
+def _session(api: Api, scope: str) -> Iterator[httpx.Client]:
+    """A client holding the console's session cookie, as a browser after signing in."""
+    with httpx.Client(base_url=api.url, timeout=120, follow_redirects=False) as client:
+        signed = client.post("/api/v1/session", json={"token": api.tokens[scope]})
+        assert signed.status_code == 200, signed.text
+        assert "httponly" in signed.headers["set-cookie"].lower()
+        assert "samesite=strict" in signed.headers["set-cookie"].lower()
+        yield client
 
 
 @pytest.mark.server
@@ -107,9 +113,11 @@ def test_live_progress_answers_for_a_page_of_jobs(api: Api) -> None:
         body = got.json()
         assert set(body) == {str(i) for i in ids}  # an unknown id is left out
         for j in jobs:
-            p = body[str(j["id"])]
-            assert p["state"] == j["state"] or not p["terminal"]
-            assert p["total"] == j["progress"]["children"]
+            p, one = body[str(j["id"])], reader.get(f"/api/v1/jobs/{j['id']}").json()
+            assert p["state"] == one["state"] or not p["terminal"]
+            assert p["total"] == one["progress"]["children"] == j["progress"]["children"]
+            if p["terminal"]:
+                assert p["finished"] == p["total"]
 
 
 @pytest.mark.server
