@@ -43,7 +43,7 @@ def test_the_readme_curl_example_runs(
         .replace("samples/library.smi", str(library))
     )
     done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
+        ["bash", "-eu", "-c", script],
         cwd=tmp_path,
         env=settings_env(api.settings),
         capture_output=True,

@@ -116,6 +116,9 @@ def test_an_operator_submits_a_library_watches_it_finish_and_opens_its_report(
     expect(row.locator(".state")).to_have_text("done")
     expect(row).to_contain_text("console.smi")
     browser.shot(page, "jobs")
+    page.click("nav >> text=Overview")
+    expect(page.locator(f"tr:has(a[href='/jobs/{job_id}']) .state")).to_have_text("done")
+    browser.shot(page, "overview-with-jobs")
     _only_this_origin(browser, api)
 
 
