@@ -39,4 +39,13 @@ if ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrtha
     echo "warning: Orthanc is not installed (apt-get install orthanc orthanc-dicomweb); the DICOMweb destination test and benchmarks.dicom_receive need it" >&2
   fi
 fi
+# Chromium and its driver (Debian's packages): the operator console's browser tests drive them
+# with Playwright; Playwright's own browser downloads are never used.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt_install chromium chromium-driver
+  else
+    echo "warning: chromium is not installed (apt-get install chromium chromium-driver); the console's browser tests need it" >&2
+  fi
+fi
 .venv/bin/python -c 'import torch, torch_geometric, rdkit, tritonclient.grpc, pytriton; print("medbatch installed: torch", torch.__version__)'

@@ -22,6 +22,7 @@ EXPECTED = {
     "worker-maintenance",
     "listener",
     "beat",
+    "api",
     "flower",
 }
 
@@ -55,6 +56,17 @@ def test_workers_consume_the_configured_queues() -> None:
             queues[name] = cmd[cmd.index("--queues") + 1]
             assert f"medbatch-{queues[name]}@$$HOSTNAME" in " ".join(svc["healthcheck"]["test"])
     assert set(queues.values()) == {s.queue_chem, s.queue_dicom, s.queue_ehr, s.queue_maintenance}
+
+
+def test_the_api_serves_the_console_on_8080_and_is_checked_on_healthz() -> None:
+    api = _compose()["services"]["api"]
+    assert api["command"] == ["medbatch", "serve"]
+    env = api["environment"]
+    assert env["MEDBATCH_API_BIND_ADDRESS"] == "0.0.0.0" and env["MEDBATCH_API_PORT"] == "8080"
+    assert env["MEDBATCH_DATABASE_URL"].startswith("postgresql")  # the shared settings too
+    assert any(p.endswith(":8080") for p in api["ports"])
+    assert "localhost:8080/healthz" in " ".join(api["healthcheck"]["test"])
+    assert "medbatch-data:/var/lib/medbatch" in api["volumes"]  # uploads reach the workers
 
 
 def test_triton_reserves_a_gpu_and_every_model_has_a_gpu_config() -> None:
