@@ -21,7 +21,7 @@ import torch
 
 from tests.triton_models.python_backend import Request, initialize_args, stand_in_backend
 
-NETWORK = '''
+NETWORK = """
 import torch
 
 
@@ -38,7 +38,7 @@ def build_from_payload(payload):
     if payload["columns"] != 3:
         raise ValueError("weights.pt was trained on other columns; retrain")
     return Scale(payload["factor"])
-'''
+"""
 
 
 @pytest.fixture
