@@ -2,11 +2,17 @@
 Triton's python backend, with dynamic batching.
 
 A model's ``1/model.py`` subclasses :class:`BatchedTorchModel` and gives only what is its own:
-its input names (:attr:`~BatchedTorchModel.inputs`), how it checks one request
-(:meth:`~BatchedTorchModel.validate`), how it builds the network from the ``weights.pt`` payload
-(:meth:`~BatchedTorchModel.build`) and how it scores a batch and names the outputs
+its input names (:attr:`~BatchedTorchModel.inputs`) and output names
+(:attr:`~BatchedTorchModel.outputs`), and wherever its ``network.py`` does not follow the
+conventions below, how it checks one request (:meth:`~BatchedTorchModel.validate`), builds the
+network from the ``weights.pt`` payload (:meth:`~BatchedTorchModel.build`) and scores a batch
 (:meth:`~BatchedTorchModel.predict`; :meth:`~BatchedTorchModel.prepare` and
 :meth:`~BatchedTorchModel.join` where a request is more than tensors to concatenate).
+
+The conventions of ``network.py`` (the defaults): ``build_from_payload(payload)`` returns the
+module; ``validate_inputs({name: tensor})`` returns why a request is malformed, or ``None``;
+``predict(model, *inputs, device)`` takes the inputs in the order of ``inputs`` and returns a
+named tuple with a field per output, named as the output in lower case (``RISK``: ``risk``).
 
 What this class does for all of them:
 
@@ -42,12 +48,17 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from torch import Tensor  # noqa: E402
 from torch.utils.dlpack import from_dlpack, to_dlpack  # noqa: E402
 
 from triton_torch_adapter.model_files import load_network, load_weights  # noqa: E402
 
+# A model.py imports torch's names from here: anything it imported before this module would be
+# looked for before the site-packages are in place.
+__all__ = ["BatchedTorchModel", "Tensor", "as_output", "as_torch", "cpu_threads", "instance_device"]
 
-def as_torch(tensor: Any) -> torch.Tensor:
+
+def as_torch(tensor: Any) -> Tensor:
     """A ``pb_utils`` input tensor as a CPU torch tensor.
 
     Goes through DLPack rather than ``as_numpy()``: with the Triton 2.51 python backend stub
@@ -60,7 +71,7 @@ def as_torch(tensor: Any) -> torch.Tensor:
     return from_dlpack(tensor.to_dlpack()).cpu()
 
 
-def as_output(name: str, tensor: torch.Tensor) -> Any:
+def as_output(name: str, tensor: Tensor) -> Any:
     """A torch tensor as the ``pb_utils`` output tensor ``name`` (through DLPack, see
     :func:`as_torch`)."""
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
@@ -88,6 +99,10 @@ class BatchedTorchModel:
 
     #: The model's input tensor names; each request must carry all of them.
     inputs: tuple[str, ...] = ()
+    #: The output tensor names, in the order of the response; the default :meth:`predict` fills
+    #: each from the field of ``network.predict``'s result named as it in lower case (a field of
+    #: shape [B] goes out as [B, 1]).
+    outputs: tuple[str, ...] = ()
 
     name: str
     network: Any  # the model's network.py, loaded by path
@@ -95,16 +110,17 @@ class BatchedTorchModel:
     device: torch.device
 
     # ------------------------------------------------------------------ what a model defines
-    def validate(self, inputs: dict[str, torch.Tensor]) -> str | None:
+    def validate(self, inputs: dict[str, Tensor]) -> str | None:
         """Why one request's inputs (CPU tensors by name) are malformed, or ``None``."""
-        raise NotImplementedError
+        problem: str | None = self.network.validate_inputs(inputs)
+        return problem
 
     def build(self, payload: dict[str, Any]) -> torch.nn.Module:
         """The network of a ``weights.pt`` payload (``ValueError`` if it does not fit)."""
         model: torch.nn.Module = self.network.build_from_payload(payload)
         return model
 
-    def prepare(self, inputs: dict[str, torch.Tensor]) -> Any:
+    def prepare(self, inputs: dict[str, Tensor]) -> Any:
         """One valid request as :meth:`join` takes it (by default its tensors as they are)."""
         return inputs
 
@@ -112,10 +128,12 @@ class BatchedTorchModel:
         """The prepared requests as one batch (by default each input concatenated by rows)."""
         return {name: torch.cat([r[name] for r in requests], dim=0) for name in self.inputs}
 
-    def predict(self, batch: Any) -> dict[str, torch.Tensor]:
+    def predict(self, batch: Any) -> dict[str, Tensor]:
         """The outputs of one joined batch by name, in the order the response lists them; each
         has one row per row of the batch's requests, in order (split back per request here)."""
-        raise NotImplementedError
+        pred = self.network.predict(self.model, *(batch[n] for n in self.inputs), self.device)
+        fields = {name: getattr(pred, name.lower()) for name in self.outputs}
+        return {name: t.reshape(-1, 1) if t.dim() == 1 else t for name, t in fields.items()}
 
     # ----------------------------------------------------------------- the python backend API
     def initialize(self, args: dict[str, Any]) -> None:

@@ -21,8 +21,18 @@ import torch
 
 from tests.triton_models.python_backend import Request, initialize_args, stand_in_backend
 
+#: A network.py that follows the adapter's conventions: ``X`` [B, 3] float32 scaled by the
+#: weights, ``W`` [B, 1] added (``Y``), and the row sums of ``X`` (``TOTAL``, [B]). Validation
+#: raises on X[0, 0] == -1 (an unforeseen error); scoring fails on a value 999.
 NETWORK = """
+from typing import NamedTuple
+
 import torch
+
+
+class Prediction(NamedTuple):
+    y: torch.Tensor
+    total: torch.Tensor
 
 
 class Scale(torch.nn.Module):
@@ -38,6 +48,24 @@ def build_from_payload(payload):
     if payload["columns"] != 3:
         raise ValueError("weights.pt was trained on other columns; retrain")
     return Scale(payload["factor"])
+
+
+def validate_inputs(inputs):
+    x, w = inputs["X"], inputs["W"]
+    if x.dim() != 2 or x.shape[1] != 3 or tuple(w.shape) != (x.shape[0], 1):
+        return f"X must be [B, 3] and W [B, 1], got {list(x.shape)}, {list(w.shape)}"
+    if float(x[0, 0]) == -1:
+        raise RuntimeError("unforeseen")
+    if not bool(torch.isfinite(x).all()):
+        return "X contains NaN"
+    return None
+
+
+def predict(model, x, w, device):
+    if bool((x == 999).any()):
+        raise ValueError("boom")
+    with torch.inference_mode():
+        return Prediction(model(x.to(device)).cpu() + w, x.sum(1))
 """
 
 
@@ -58,27 +86,16 @@ def model_dir(tmp_path: Path) -> Path:
 
 def toy_class(serving: ModuleType) -> type:
     class Toy(serving.BatchedTorchModel):  # type: ignore[name-defined,misc]
-        """``X`` [B, 3] float32 scaled by the weights, ``W`` [B, 1] added; the batches it
-        scored in ``calls``. Validation raises on X[0, 0] == −1; scoring on a value 999."""
+        """The toy network with the adapter's defaults; the batches it scored in ``calls``."""
 
         inputs = ("X", "W")
+        outputs = ("Y", "TOTAL")
         calls: list[int]
-
-        def validate(self, inputs: dict[str, torch.Tensor]) -> str | None:
-            x, w = inputs["X"], inputs["W"]
-            if x.dim() != 2 or x.shape[1] != 3 or tuple(w.shape) != (x.shape[0], 1):
-                return f"X must be [B, 3] and W [B, 1], got {list(x.shape)}, {list(w.shape)}"
-            if float(x[0, 0]) == -1:
-                raise RuntimeError("unforeseen")
-            if not bool(torch.isfinite(x).all()):
-                return "X contains NaN"
-            return None
 
         def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             self.calls.append(int(batch["X"].shape[0]))
-            if bool((batch["X"] == 999).any()):
-                raise ValueError("boom")
-            return {"Y": self.model(batch["X"]) + batch["W"], "TOTAL": batch["X"].sum(1)}
+            outputs: dict[str, torch.Tensor] = super().predict(batch)
+            return outputs
 
     return Toy
 
@@ -128,7 +145,7 @@ def test_valid_requests_share_one_forward_pass_and_errors_stay_with_their_reques
         assert (y.name(), total.name()) == ("Y", "TOTAL")
         x = requests[i].inputs["X"].as_numpy()
         np.testing.assert_array_equal(y.as_numpy(), x * 2 + 0.5)
-        np.testing.assert_array_equal(total.as_numpy(), x.sum(1))
+        np.testing.assert_array_equal(total.as_numpy(), x.sum(1, keepdims=True))  # [B] → [B, 1]
         assert y.as_numpy().dtype == np.float32
     messages = {i: responses[i].error.message() for i in (1, 2, 4, 5)}
     assert messages[1] == "toy: missing input tensor W"
@@ -151,7 +168,7 @@ def test_a_failed_forward_pass_fails_its_batch_and_no_more(toy):
 
 
 def test_an_output_without_a_row_per_input_row_is_an_inference_failure(toy):
-    toy.predict = lambda batch: {"Y": batch["X"][:1]}
+    toy.predict = lambda batch: {"Y": batch["X"][:1], "TOTAL": batch["X"].sum(1)}
     responses = toy.execute([request(2), request(1)])
     for r in responses:
         assert r.error.message() == "toy: inference failed: ValueError: output Y has 1 rows, not 3"

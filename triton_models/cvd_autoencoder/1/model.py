@@ -13,22 +13,9 @@ dtype, NaN/inf, a patient with no observed variable, values outside their physio
 gets an error response without failing the others (``triton_torch_adapter.serving``).
 """
 
-import torch
-
 from triton_torch_adapter.serving import BatchedTorchModel
 
 
 class TritonPythonModel(BatchedTorchModel):
     inputs = ("VALUES", "OBSERVED")
-
-    def validate(self, inputs: dict[str, torch.Tensor]) -> str | None:
-        return self.network.validate_inputs(inputs)
-
-    def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pred = self.network.predict(self.model, *(batch[n] for n in self.inputs), self.device)
-        return {
-            "RISK": pred.risk.reshape(-1, 1),
-            "RECON_ERROR": pred.recon_error.reshape(-1, 1),
-            "OOD": pred.ood.reshape(-1, 1),
-            "CONTRIBUTION": pred.contribution,
-        }
+    outputs = ("RISK", "RECON_ERROR", "OOD", "CONTRIBUTION")

@@ -13,21 +13,9 @@ dtype, NaN/inf, ``LENGTH`` outside [1, 20], values outside their physiological r
 error response without failing the others (``triton_torch_adapter.serving``).
 """
 
-import torch
-
 from triton_torch_adapter.serving import BatchedTorchModel
 
 
 class TritonPythonModel(BatchedTorchModel):
     inputs = ("VALUES", "OBSERVED", "DT_YEARS", "LENGTH")
-
-    def validate(self, inputs: dict[str, torch.Tensor]) -> str | None:
-        return self.network.validate_inputs(inputs)
-
-    def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pred = self.network.predict(self.model, *(batch[n] for n in self.inputs), self.device)
-        return {
-            "RISK": pred.risk.reshape(-1, 1),
-            "ATTENTION": pred.attention,
-            "CONTRIBUTION": pred.contribution,
-        }
+    outputs = ("RISK", "ATTENTION", "CONTRIBUTION")

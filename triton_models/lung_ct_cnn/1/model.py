@@ -10,17 +10,12 @@ The requests of one ``execute`` call are scored with a single forward pass; a ma
 the others (``triton_torch_adapter.serving``).
 """
 
-import torch
-
-from triton_torch_adapter.serving import BatchedTorchModel
+from triton_torch_adapter.serving import BatchedTorchModel, Tensor
 
 
 class TritonPythonModel(BatchedTorchModel):
     inputs = ("VOLUME",)
+    outputs = ("STUDY_PROB", "SLICE_SCORES")
 
-    def validate(self, inputs: dict[str, torch.Tensor]) -> str | None:
+    def validate(self, inputs: dict[str, Tensor]) -> str | None:
         return self.network.validate_volumes(inputs["VOLUME"])
-
-    def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pred = self.network.predict(self.model, batch["VOLUME"], self.device)
-        return {"STUDY_PROB": pred.study_prob.reshape(-1, 1), "SLICE_SCORES": pred.slice_scores}

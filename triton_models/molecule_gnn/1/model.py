@@ -10,24 +10,22 @@ of the fused ensemble; a malformed request gets an error response without failin
 
 from typing import Any
 
-import torch
-
-from triton_torch_adapter.serving import BatchedTorchModel
+from triton_torch_adapter.serving import BatchedTorchModel, Tensor
 
 
 class TritonPythonModel(BatchedTorchModel):
     inputs = ("ATOM_FEATS", "N_ATOMS", "BOND_INDEX", "BOND_FEATS", "N_BONDS")
 
-    def build(self, payload: dict[str, Any]) -> torch.nn.Module:
-        model: torch.nn.Module = self.network.build_for_serving(payload)
+    def build(self, payload: dict[str, Any]) -> Any:
+        model = self.network.build_for_serving(payload)
         self.mean = float(payload["target_mean"])
         self.std = float(payload["target_std"])
         return model
 
-    def validate(self, inputs: dict[str, torch.Tensor]) -> str | None:
+    def validate(self, inputs: dict[str, Tensor]) -> str | None:
         return self.network.validate_padded(*(inputs[n] for n in self.inputs))
 
-    def prepare(self, inputs: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    def prepare(self, inputs: dict[str, Tensor]) -> tuple[Any, ...]:
         """The request as a flat graph batch ``(x, edge_index, edge_attr, batch, molecules)``."""
         graph = self.network.padded_to_batch(*(inputs[n] for n in self.inputs))
         return (*graph, int(inputs["ATOM_FEATS"].shape[0]))
@@ -35,6 +33,6 @@ class TritonPythonModel(BatchedTorchModel):
     def join(self, requests: list[tuple[Any, ...]]) -> tuple[Any, ...]:
         return self.network.concat_graphs(requests)
 
-    def predict(self, batch: tuple[Any, ...]) -> dict[str, torch.Tensor]:
+    def predict(self, batch: tuple[Any, ...]) -> dict[str, Tensor]:
         logs = self.network.predict_logs(self.model, batch, self.device, self.mean, self.std)
         return {"LOGS": logs.reshape(-1, 1)}
