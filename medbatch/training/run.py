@@ -91,14 +91,14 @@ class OneCycle:
         self.sched.step()
 
 
-def progress_bar(unit: str) -> Any:
+def progress_bar() -> Any:
     """The rich progress display of a training loop (``info``: the latest progress line)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} " + unit),
+        TextColumn("{task.completed}/{task.total} steps"),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
     )
@@ -136,7 +136,7 @@ def train_epochs(
     )
     gen = torch.Generator().manual_seed(seed)
     history = []
-    with progress_bar("steps") as progress:
+    with progress_bar() as progress:
         task = progress.add_task(description, total=total, info="")
         for epoch in range(args.epochs):
             model.train()
@@ -185,7 +185,7 @@ def train_steps(
     model.train()
     losses, running = [], 0.0
     t0 = time.perf_counter()
-    with progress_bar("steps") as progress:
+    with progress_bar() as progress:
         task = progress.add_task("training", total=args.steps, info="")
         for i in range(args.steps):
             loss = loss_at(i)
