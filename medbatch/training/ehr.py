@@ -26,6 +26,7 @@ import numpy as np
 from ingest.ehr.reader import read_extract
 from medbatch.synth.ehr import SynthStats, write_long_csv
 from medbatch.training.metrics import contribution_summary, held_out_results, logistic_baseline
+from medbatch.training.run import card_fields as card_fields_of_every_model
 from workers.ehr.features import PatientMeasurements
 
 if TYPE_CHECKING:
@@ -239,7 +240,8 @@ CARD_DISCLAIMER = """\
 > clinical care, screening, triage or any other decision about a patient.**"""
 CARD_REPRODUCIBILITY = """\
 Deterministic: fixed seeds, `torch.use_deterministic_algorithms(True)`, one torch thread; two
-runs give identical tensors. State-dict SHA-256 (`network.state_dict_sha256`): `{state_sha}`.
+runs give identical tensors. State-dict SHA-256
+(`triton_torch_adapter.model_files.state_dict_sha256`): `{state_sha}`.
 `1/weights.pt`: {weights_bytes} bytes. Built with torch {torch_version}, numpy {numpy_version},
 in about {wall_min:.1f} minutes on 2 CPU cores.
 
@@ -289,19 +291,13 @@ def contribution_table(contributions: Mapping[str, Mapping[str, Any]]) -> str:
 
 def card_fields(metrics: Mapping[str, Any], name: str, baseline: str) -> dict[str, Any]:
     """The template fields both EHR model cards fill the same way from ``metrics.json``."""
-    t, d, hp = metrics["test"], metrics["data"], metrics["hyperparameters"]
+    t, d = metrics["test"], metrics["data"]
     mb, cm = t["model_minus_baseline_auroc"], t["ceiling_minus_model_auroc"]
-    reproducibility = CARD_REPRODUCIBILITY.format(
-        state_sha=metrics["state_dict_sha256"],
-        weights_bytes=metrics["weights_bytes"],
-        torch_version=metrics["environment"]["torch"],
-        numpy_version=metrics["environment"]["numpy"],
-        wall_min=metrics["wall_clock_seconds_informational"] / 60,
-        name=name,
-    )
+    common = card_fields_of_every_model(metrics)
     return {
+        **common,
         "disclaimer": CARD_DISCLAIMER,
-        "reproducibility": reproducibility,
+        "reproducibility": CARD_REPRODUCIBILITY.format(**common, name=name),
         "calibration_and_synthetic_only": CARD_CALIBRATION_AND_SYNTHETIC_ONLY,
         "results_table": results_table(t, name, baseline),
         "contribution_table": contribution_table(metrics["contributions_on_reference_patients"]),
@@ -323,10 +319,5 @@ def card_fields(metrics: Mapping[str, Any], name: str, baseline: str) -> dict[st
         "seed_test": d["test"]["generator_seed"],
         "n_ref": metrics["reference"]["patients"],
         "ref_auroc": metrics["reference"]["auroc"],
-        "epochs": hp["epochs"],
-        "batch_size": hp["batch_size"],
-        "lr": hp["lr"],
-        "weight_decay": hp["weight_decay"],
-        "n_params": metrics["n_parameters"],
         "batch_ms": metrics["cpu_seconds_per_64_patients_1_thread_informational"] * 1000,
     }
