@@ -9,8 +9,10 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +132,54 @@ def summarise_profile(
         return [{"frame": f, "share": round(v / samples, 3)} for f, v in c.most_common(top)]
 
     return {"self": rows(own), "inclusive_medbatch": rows(incl), "samples": [{"n": samples}]}
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+#: The server the PostgreSQL runs use (a fresh database each run, dropped afterwards).
+BENCH_POSTGRES_URL = os.environ.get(
+    "MEDBATCH_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@contextmanager
+def fresh_postgres_database(server_url: str = BENCH_POSTGRES_URL) -> Iterator[str]:
+    """A new, empty database on ``server_url``'s server (as tests/conftest.py makes them);
+    yields its URL and drops it afterwards. ``server_url``'s own database is never written."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(server_url).set(drivername="postgresql")
+    dsn = admin.render_as_string(hide_password=False)
+    name = f"medbatch_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as exc:
+        raise SystemExit(
+            f"PostgreSQL at {server_url} is not reachable ({str(exc).strip().splitlines()[0]}); "
+            "set MEDBATCH_BENCH_POSTGRES_URL, or leave PostgreSQL out (--databases sqlite)"
+        ) from exc
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        from db.session import dispose_all
+
+        dispose_all()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def process_group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of group ``pgid`` (Linux)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")

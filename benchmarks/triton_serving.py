@@ -13,7 +13,6 @@ once by the workers' featuriser and cached as arrays (so a machine without RDKit
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import tempfile
 import threading
 import time
@@ -85,11 +84,10 @@ class InProcess:
     def __init__(self, device: str) -> None:
         import torch
 
-        spec = importlib.util.spec_from_file_location("bench_network", MODEL_DIR / "network.py")
-        assert spec is not None and spec.loader is not None
-        self.net = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(self.net)
-        payload = torch.load(MODEL_DIR / "weights.pt", map_location="cpu", weights_only=True)
+        from triton_torch_adapter.model_files import load_network, load_weights
+
+        self.net = load_network(MODEL_DIR)
+        payload = load_weights(MODEL_DIR)
         self.torch = torch
         self.device = torch.device(device)
         self.model = self.net.build_for_serving(payload).to(self.device).eval()

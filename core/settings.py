@@ -7,6 +7,7 @@ under ``storage_dir``. Production overrides the URLs (see ``docker-compose.yml``
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -107,8 +108,15 @@ class Settings(BaseSettings):
     dicom_allow_any_ae: bool = Field(
         False, description="Accept every calling AE (only for a closed test network)."
     )
-    dicom_max_associations: int = Field(16, ge=1)
+    dicom_max_associations: int = Field(16, ge=1, description="Per listener process.")
     dicom_max_pdu: int = Field(131072, ge=0, description="Largest PDU we receive; 0: unlimited.")
+    dicom_listener_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Listener processes sharing the port (SO_REUSEPORT): one process serves its "
+        "associations on about one core; raise it to the cores receiving may use.",
+    )
     dicom_quiet_period_s: float = Field(
         30.0, gt=0, description="A study is complete after this long without a new instance."
     )
@@ -119,6 +127,14 @@ class Settings(BaseSettings):
     dicom_destination: str = Field(
         "", description="Where results are C-STORE'd: 'AE@host:port'; empty: not sent."
     )
+    dicomweb_destination: str = Field(
+        "",
+        description="A DICOMweb service root results are sent to by STOW-RS (instead of "
+        "C-STORE to MEDBATCH_DICOM_DESTINATION), e.g. https://pacs/dicom-web.",
+    )
+    dicomweb_destination_token: str = Field("", description="Bearer token for it, if any.")
+    dicomweb_destination_user: str = Field("", description="Basic-auth user for it, if any.")
+    dicomweb_destination_password: str = ""
     dicom_model_name: str = Field(
         LUNG_CT_CNN.name, description="The served model received studies are scored with."
     )
@@ -246,6 +262,18 @@ class Settings(BaseSettings):
             total += min(delay, self.triton_retry_max_s)
             delay *= 2
         return total
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process see exactly these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        key = f"MEDBATCH_{name.upper()}"
+        if value is None:  # unset optional setting: must not become the text "None"
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
 
 
 @lru_cache(maxsize=1)

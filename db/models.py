@@ -176,6 +176,8 @@ class DicomStudy(Base):
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_digest: Mapped[str] = mapped_column(String(48), doc="Pseudonym of the Patient ID.")
     calling_ae: Mapped[str] = mapped_column(String(16), doc="AE that sent the first instance.")
+    accession_number: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), nullable=True, doc="YYYYMMDD")
     open: Mapped[bool] = mapped_column(default=True, doc="Instances arrived since last closing.")
     version: Mapped[int] = mapped_column(Integer, default=0, doc="Completed result versions.")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -240,6 +242,26 @@ class DicomResult(Base):
     instance_count: Mapped[int] = mapped_column(Integer)
     sr_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
     sc_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DicomOutput(Base):
+    """A DICOM instance medbatch produced for a result (the SR, the key-image secondary
+    capture): what DICOMweb clients search for (QIDO-RS) and retrieve (WADO-RS)."""
+
+    __tablename__ = "dicom_outputs"
+    __table_args__ = (Index("ix_dicom_outputs_study_series", "study_id", "series_uid"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(BigId, ForeignKey("dicom_studies.id"))
+    result_id: Mapped[int] = mapped_column(BigId, ForeignKey("dicom_results.id"))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16))
+    series_number: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(512), doc="Relative to the storage directory.")
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -70,6 +70,13 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
+def get_reader_engine(url: str) -> Engine:
+    """An engine for reads next to busy writers (the DICOM listener's duplicate check, exports):
+    on SQLite its transactions begin DEFERRED, so a read runs on the WAL snapshot instead of
+    queueing for the write lock that ``BEGIN IMMEDIATE`` takes. Never write through it."""
+    return get_engine(url).execution_options(medbatch_read_only=True)
+
+
 def dispose_all() -> None:
     """Drop every pooled connection (call at exit, or in a child right after a fork)."""
     for engine in _ENGINES.values():
@@ -81,13 +88,11 @@ def dispose_all() -> None:
 def read_scope(url: str) -> Iterator[Session]:
     """A read-only transaction for long reads (exports streaming millions of rows): on SQLite it
     takes no write lock, so workers keep committing meanwhile. Write nothing in it."""
-    engine = get_engine(url).execution_options(medbatch_read_only=True)
-    session = sessionmaker(bind=engine, expire_on_commit=False)()
+    session = sessionmaker(bind=get_reader_engine(url), expire_on_commit=False)()
     try:
         yield session
     finally:
-        session.rollback()
-        session.close()
+        session.close()  # the pool rolls the connection back; loaded objects stay readable
 
 
 @contextmanager

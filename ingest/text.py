@@ -99,11 +99,11 @@ def sniff_encoding(head: bytes) -> Encoding:
 
 
 class _Counting(io.RawIOBase):
-    """The file on disk, reporting how many of its bytes have been consumed (progress bars
-    measure the file as stored, also when it is gzipped)."""
+    """The stored bytes (a file, or a member of an archive), reporting how many have been
+    consumed (progress bars measure the file as stored, also when it is gzipped)."""
 
-    def __init__(self, path: Path, on_bytes: Callable[[int], None] | None) -> None:
-        self._fh = path.open("rb")
+    def __init__(self, raw: IO[bytes], on_bytes: Callable[[int], None] | None) -> None:
+        self._fh = raw
         self._on_bytes = on_bytes
         self.done = 0
 
@@ -111,7 +111,7 @@ class _Counting(io.RawIOBase):
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        n = self._fh.readinto(buffer) or 0
+        n = self._fh.readinto(buffer) or 0  # type: ignore[attr-defined]
         self.done += n
         if self._on_bytes is not None:
             self._on_bytes(self.done)
@@ -196,19 +196,31 @@ def open_text(
     ``on_bytes`` is called with the stored bytes consumed so far as the stream is read. Raises
     :class:`InputError` for a gzip file that is damaged before its first bytes of text.
     """
-    counter = _Counting(Path(path), on_bytes)
+    return open_stream(Path(path).open("rb"), Path(path), on_bytes=on_bytes, buffer=buffer)
+
+
+def open_stream(
+    raw_stream: IO[bytes],
+    name: Path,
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+    buffer: int = 1 << 20,
+) -> TextSource:
+    """:func:`open_text` for an already opened binary stream (a member of a .zip or .tar read
+    in place); ``name`` is what messages call it. The stream is closed with the source."""
+    counter = _Counting(raw_stream, on_bytes)
     raw: IO[bytes] = io.BufferedReader(counter, buffer)
-    gzipped = raw.peek(2)[:2] == GZIP_MAGIC  # type: ignore[attr-defined]
     try:
+        gzipped = raw.peek(2)[:2] == GZIP_MAGIC  # type: ignore[attr-defined]
         if gzipped:
             raw = io.BufferedReader(gzip.GzipFile(fileobj=raw), buffer)  # type: ignore[arg-type]
         head = raw.peek(_SNIFF_BYTES)[:_SNIFF_BYTES]  # type: ignore[attr-defined]
     except (OSError, EOFError) as exc:
         raw.close()
-        raise InputError(f"{Path(path).name}: the file is damaged or truncated ({exc})") from exc
+        raise InputError(f"{name.name}: the file is damaged or truncated ({exc})") from exc
     encoding = sniff_encoding(head)
     try:
-        refuse_binary(Path(path).name, head, encoding)
+        refuse_binary(name.name, head, encoding)
     except InputError:
         raw.close()
         raise
@@ -217,7 +229,7 @@ def open_text(
     stream: IO[bytes] = raw
     if encoding.transcoded:
         stream = io.BufferedReader(_Transcoded(raw, encoding.codec), buffer)
-    return TextSource(Path(path), stream, encoding, gzipped, counter)  # type: ignore[arg-type]
+    return TextSource(name, stream, encoding, gzipped, counter)  # type: ignore[arg-type]
 
 
 def read_first_line(path: Path) -> str:

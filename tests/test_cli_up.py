@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import settings_env
 from medbatch.stack.process import port_open
 from medbatch.stack.redis_server import host_port, ping
-from medbatch.stack.worker_process import settings_env
 from tests.conftest import make_settings
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

@@ -28,14 +28,14 @@ import pytest
 from sqlalchemy import func, select
 
 from core.job_kinds import JobKind
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, settings_env
 from db.models import AuditEvent, DicomInstance, DicomResult, DicomStudy, Job, JobState
 from db.session import dispose_all, session_scope
 from ingest.chem.submit import submit_library
 from medbatch.services.tokens import Scope, create_token
 from medbatch.stack import probes, redis_server, triton_server
 from medbatch.stack.state import PartPhase, PartState, read_state, state_path
-from medbatch.stack.worker_process import settings_env, use_settings
+from medbatch.stack.worker_process import use_settings
 from tests.conftest import make_settings
 from tests.dicom_data import associate, make_series
 from tests.helpers import (

@@ -1,6 +1,7 @@
 """docker-compose.yml parses, names every service the code expects, and agrees with the code:
 environment variables are real settings, worker queues are the configured queues, Triton
-selects a GPU config that exists for every model."""
+selects a GPU config that exists for every model and its image holds the models and the adapter
+they import."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from core.settings import REPO_ROOT, Settings
+from medbatch.stack.triton_server import ADAPTER_PACKAGE
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 EXPECTED = {
@@ -22,6 +24,7 @@ EXPECTED = {
     "worker-maintenance",
     "listener",
     "beat",
+    "api",
     "flower",
 }
 
@@ -57,6 +60,17 @@ def test_workers_consume_the_configured_queues() -> None:
     assert set(queues.values()) == {s.queue_chem, s.queue_dicom, s.queue_ehr, s.queue_maintenance}
 
 
+def test_the_api_serves_the_console_on_8080_and_is_checked_on_healthz() -> None:
+    api = _compose()["services"]["api"]
+    assert api["command"] == ["medbatch", "serve"]
+    env = api["environment"]
+    assert env["MEDBATCH_API_BIND_ADDRESS"] == "0.0.0.0" and env["MEDBATCH_API_PORT"] == "8080"
+    assert env["MEDBATCH_DATABASE_URL"].startswith("postgresql")  # the shared settings too
+    assert any(p.endswith(":8080") for p in api["ports"])
+    assert "localhost:8080/healthz" in " ".join(api["healthcheck"]["test"])
+    assert "medbatch-data:/var/lib/medbatch" in api["volumes"]  # uploads reach the workers
+
+
 def test_triton_reserves_a_gpu_and_every_model_has_a_gpu_config() -> None:
     triton = _compose()["services"]["triton"]
     assert "--model-config-name=gpu" in triton["command"]
@@ -77,3 +91,19 @@ def test_dockerfiles_exist_for_built_services() -> None:
         if build:
             assert (REPO_ROOT / build["context"] / build["dockerfile"]).is_file(), name
     assert Path(REPO_ROOT / "docker" / "triton.Dockerfile").read_text().count("tritonserver:24.10")
+
+
+def test_triton_image_holds_the_models_and_the_adapter_they_import() -> None:
+    """The NGC python backend stub, like the local one, has its own folder on ``sys.path`` and
+    nothing of this repository: the adapter every model.py imports must be copied there."""
+    dockerfile = (REPO_ROOT / "docker" / "triton.Dockerfile").read_text()
+    copies = dict(line.split()[1:3] for line in dockerfile.splitlines() if line.startswith("COPY "))
+    command = _compose()["services"]["triton"]["command"]
+    assert f"--model-repository={copies['triton_models']}" in command
+    backend = "/opt/tritonserver/backends/python"
+    assert copies[ADAPTER_PACKAGE] == f"{backend}/{ADAPTER_PACKAGE}"
+    assert (REPO_ROOT / ADAPTER_PACKAGE / "__init__.py").is_file()
+    models = sorted((REPO_ROOT / "triton_models").glob("*/1/model.py"))
+    assert len(models) == len(list((REPO_ROOT / "triton_models").glob("*/config.pbtxt")))
+    for model in models:
+        assert f"from {ADAPTER_PACKAGE}.serving import" in model.read_text(), model

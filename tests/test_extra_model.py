@@ -6,13 +6,13 @@ export or report code."""
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import select
 
 from core.served_models import CVD_AUTOENCODER, DIABETES_LSTM_ATTENTION
@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 FIXTURE = Path(__file__).parent / "fixtures" / "extra_model" / GLYCAEMIA_LOGISTIC.name
 
 
-def _train(workdir: Path) -> dict[str, list[float] | float]:
+def _train(workdir: Path) -> dict[str, torch.Tensor]:
     """Logistic regression by gradient descent on standardised latest profiles (numpy only)."""
     cohort = load_cohort(600, seed=91, workdir=workdir, outcome="diabetes_complication")
     schema = ModelSchema(GLYCAEMIA_LOGISTIC.name, GLYCAEMIA_LOGISTIC.variables, False, None)
@@ -50,7 +50,10 @@ def _train(workdir: Path) -> dict[str, list[float] | float]:
         p = 1 / (1 + np.exp(-(z @ coef + bias)))
         coef -= 0.5 * z.T @ (p - y) / len(y)
         bias -= 0.5 * float((p - y).mean())
-    return {"mean": mean.tolist(), "std": std.tolist(), "coef": coef.tolist(), "bias": bias}
+    return {
+        name: torch.tensor(value, dtype=torch.float32)
+        for name, value in (("mean", mean), ("std", std), ("coef", coef), ("bias", bias))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,7 @@ def extra_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
     for model in (DIABETES_LSTM_ATTENTION, CVD_AUTOENCODER):
         shutil.copytree(REPO_ROOT / "triton_models" / model.name, repo / model.name)
     shutil.copytree(FIXTURE, repo / GLYCAEMIA_LOGISTIC.name)
-    weights = repo / GLYCAEMIA_LOGISTIC.name / "1" / "weights.json"
-    weights.write_text(json.dumps(_train(tmp)))
+    torch.save(_train(tmp), repo / GLYCAEMIA_LOGISTIC.name / "1" / "weights.pt")
     settings = make_settings(
         tmp / "stack",
         triton_model_repository=repo,

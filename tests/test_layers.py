@@ -14,7 +14,7 @@ import grimp
 from core.served_models import BUILTIN
 from core.settings import REPO_ROOT
 
-PACKAGES = ("core", "db", "ingest", "workers", "medbatch")
+PACKAGES = ("core", "db", "ingest", "workers", "medbatch", "triton_torch_adapter")
 
 
 def test_import_contracts_hold() -> None:

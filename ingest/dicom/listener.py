@@ -13,6 +13,8 @@ Logs name studies by their database id and senders by AE title, never by patient
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -20,22 +22,25 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
-from core.errors import ConfigurationError, InstanceRefusedError
+from core.errors import ConfigurationError
 from core.job_kinds import JobKind
 from core.settings import Settings
 from db import audit
-from db.models import DicomRejection
 from db.session import session_scope
 from ingest.dicom.access import AccessPolicy
 from ingest.dicom.completion import close_quiet_studies
-from ingest.dicom.store import store_instance
-from ingest.dicom.validate import (
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_SUCCESS,
-    inspect_instance,
-)
+from ingest.dicom.processes import HelperPool
+from ingest.dicom.store import InstanceStore, Sender, StoreResult
+from ingest.dicom.validate import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +96,13 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 class Listener:
     """The storage SCP plus its study-completion watcher; ``start()`` returns once listening."""
 
-    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+    def __init__(
+        self, settings: Settings, publisher: Publisher | None, *, reuse_port: bool = False
+    ) -> None:
+        """``publisher`` None: a helper process (no study completion, no helpers of its own)."""
         self.settings = settings
         self.publisher = publisher
+        self.reuse_port = reuse_port
         self.policy = AccessPolicy.from_settings(
             settings.dicom_allowed_aes, settings.dicom_allow_any_ae
         )
@@ -108,8 +117,10 @@ class Listener:
         self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:3])
         self.actor = f"listener:{settings.dicom_ae_title}"
         self._server: Any = None
+        self.store: InstanceStore | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._helpers: HelperPool | None = None
 
     # --- association-level events ----------------------------------------------------------
     def _audit_peer(
@@ -145,7 +156,10 @@ class Listener:
     def _on_accepted(self, event: evt.Event) -> None:
         ae_title, address = _peer(event)
         self._audit_peer(
-            ae_title, address, "dicom.association", {"called_ae": self.settings.dicom_ae_title}
+            ae_title,
+            address,
+            "dicom.association",
+            {"called_ae": self.settings.dicom_ae_title, "listener_pid": os.getpid()},
         )
 
     # --- DIMSE services ----------------------------------------------------------------------
@@ -153,81 +167,32 @@ class Listener:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
+        """Thin: the instance as received (file meta + dataset bytes) goes to the store."""
         ae_title, address = _peer(event)
         request: Any = event.request
-        sop_class = str(event.context.abstract_syntax)
-        affected = str(request.AffectedSOPInstanceUID or "")
-        try:
-            encoded = event.encoded_dataset(include_meta=True)
-            inst = inspect_instance(
-                encoded, context_sop_class=sop_class, affected_sop_instance=affected
+        store = self.store
+        if store is None:  # stopping
+            result = StoreResult(STATUS_OUT_OF_RESOURCES, comment="listener stopping; retry")
+        else:
+            result = store.store(
+                event.encoded_dataset(include_meta=True),
+                Sender(ae_title, address),
+                sop_class_uid=str(event.context.abstract_syntax),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID or "") or None,
             )
-            outcome = store_instance(self.settings, inst, encoded, calling_ae=ae_title)
-        except InstanceRefusedError as exc:
-            return self._refuse(ae_title, address, sop_class, affected, exc.status, exc.reason)
-        except Exception as exc:  # storage or database trouble: the sender must retry
-            log.exception("could not store an instance from AE %r", ae_title)
-            return self._refuse(
-                ae_title,
-                address,
-                sop_class,
-                affected,
-                STATUS_OUT_OF_RESOURCES,
-                f"could not store the instance ({type(exc).__name__}: {exc}); the sender "
-                "should retry once storage/database are back",
-                comment=f"storage failed ({type(exc).__name__}); retry later",
-            )
-        if not outcome.stored:
-            log.info(
-                "study %s: resent instance from AE %r already stored", outcome.study_id, ae_title
-            )
-        return STATUS_SUCCESS
-
-    def _refuse(
-        self,
-        ae_title: str,
-        address: str,
-        sop_class: str,
-        sop_uid: str,
-        status: int,
-        reason: str,
-        *,
-        comment: str | None = None,
-    ) -> Dataset:
-        """Record the refusal and build the response; ``comment`` is a shorter text for the
-        sender when the reason does not fit the 64 characters of Error Comment."""
-        log.warning("C-STORE from AE %r refused (0x%04X): %s", ae_title, status, reason)
-        try:
-            with session_scope(self.settings.database_url) as session:
-                session.add(
-                    DicomRejection(
-                        calling_ae=ae_title[:16],
-                        peer_address=address[:64],
-                        sop_class_uid=sop_class[:64] or None,
-                        sop_instance_uid=sop_uid[:64] or None,
-                        status=status,
-                        reason=reason,
-                    )
-                )
-                session.flush()
-                audit.append(
-                    session,
-                    actor=f"ae:{ae_title[:16]}",
-                    action="dicom.refused",
-                    subject=f"peer:{address}",
-                    details={"status": status, "reason": reason},
-                )
-        except Exception:  # the sender still gets its failure status
-            log.exception("could not record a refused instance")
+        if result.ok:
+            return STATUS_SUCCESS
         rsp = Dataset()
-        rsp.Status = status
-        rsp.ErrorComment = (comment or reason)[:64]  # LO: at most 64 characters
+        rsp.Status = result.status
+        rsp.ErrorComment = result.comment
         return rsp
 
     # --- completion watcher ------------------------------------------------------------------
     def check_completion(self) -> list[int]:
         """Close quiet studies and publish their jobs (the sweeper does the same as a backstop)."""
         jobs = close_quiet_studies(self.settings, actor=self.actor)
+        if self.publisher is None:
+            return jobs
         for job_id in jobs:
             try:
                 self.publisher(job_id, JobKind.DICOM_STUDY.value)
@@ -241,29 +206,58 @@ class Listener:
                 self.check_completion()
             except Exception:
                 log.exception("study completion check failed; retrying")
+            if self._helpers is not None:
+                try:
+                    self._helpers.check()
+                except Exception:
+                    log.exception("could not restart a listener helper; retrying")
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Listen; with several listener processes, the primary also starts its helpers."""
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        processes = self.settings.dicom_listener_processes
+        primary = self.publisher is not None
         address = (self.settings.dicom_bind_address, self.settings.dicom_port)
-        self._server = self.ae.start_server(
-            address,
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=build_ssl_context(self.settings),
-        )
-        self._watcher = threading.Thread(target=self._watch, name="study-completion", daemon=True)
-        self._watcher.start()
+        if primary and processes > 1 and address[1]:
+            # Helpers first: once this process listens too, every process takes associations.
+            self._helpers = HelperPool(self.settings, address[1], processes - 1)
+        try:
+            server = self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                ssl_context=build_ssl_context(self.settings),
+                server_class=_ReusePortServer if self.reuse_port or processes > 1 else _Server,
+            )
+        except BaseException:
+            if self._helpers is not None:
+                self._helpers.stop()
+                self._helpers = None
+            raise
+        self.store = InstanceStore(self.settings)
+        _quiet(server)
+        self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
+        if primary:  # study completion (and helpers, if the port was only known now)
+            if processes > 1 and self._helpers is None:
+                self._helpers = HelperPool(self.settings, self.port, processes - 1)
+            self._watcher = threading.Thread(
+                target=self._watch, name="study-completion", daemon=True
+            )
+            self._watcher.start()
         log.info(
-            "DICOM listener %s on %s:%s (TLS %s)",
+            "DICOM listener %s on %s:%s (TLS %s, %d process(es))",
             self.settings.dicom_ae_title,
-            *address,
+            address[0],
+            self.port,
             "on" if self.settings.dicom_tls_cert else "off",
+            processes if self.publisher is not None else 1,
         )
 
     @property
@@ -275,5 +269,43 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._helpers is not None:
+            self._helpers.stop()
+            self._helpers = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
         if self._watcher is not None:
             self._watcher.join(timeout=10)
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded acceptor."""
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """The acceptor of one of several listener processes sharing the port (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+#: pynetdicom's own logging handlers, bound to every server and run for every PDU and DIMSE
+#: message (8 % of the listener's Python time in a C-STORE) although their output goes nowhere:
+#: the listener runs pynetdicom's logger at WARNING (its INFO lines name peers' objects).
+_STANDARD_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
+def _quiet(server: ThreadedAssociationServer) -> None:
+    if logging.getLogger("pynetdicom").getEffectiveLevel() <= logging.INFO:
+        return  # someone wants them
+    for event, handler in _STANDARD_HANDLERS:
+        if any(h == handler for h, _ in server.get_handlers(event)):  # type: ignore[misc]
+            server.unbind(event, handler)

@@ -1,185 +1,182 @@
-"""Durable storage of one received instance: file first (atomic, fsync'd), then its row.
+"""Receiving one instance, whatever the front door: validate, store durably, register.
 
-Only when both are committed does the listener answer Success, so a PACS that got Success can
-forget the instance. A crash in between leaves at most an orphan file that the resend replaces.
-The same SOP Instance UID is stored once: a resend is answered Success and audited, not stored.
+:class:`InstanceStore` takes the encoded instance (DICOM file format: preamble, file meta with
+its transfer syntax, the dataset exactly as received, never re-encoded) and who sent it, and
+answers a status with a reason. The DIMSE C-STORE handler is a thin caller of it; a DICOMweb
+STOW-RS front door (or anything else) calls the same :meth:`InstanceStore.store`, so validation,
+the durable write, the database row, de-duplication and study completion are one code path.
+
+Success means stored: the file is written, fsync'd and its directory entry fsync'd, and its row
+committed, before :meth:`InstanceStore.store` returns success (see :mod:`ingest.dicom.files` and
+:mod:`ingest.dicom.registry` for how those flushes are shared between instances in flight). The
+same SOP Instance UID is stored once: a resend is answered success and audited, not stored. A
+failure to store answers 0xA700 so the sender retries; a refused instance gets its status and
+reason back and a ``dicom_rejections`` row.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
+import logging
+from dataclasses import dataclass, replace
 
-from sqlalchemy import select, update
-
+from core.errors import InstanceRefusedError
 from core.settings import Settings
-from db import audit
-from db.insert_ignore import insert_ignore
-from db.models import DicomInstance, DicomStudy, utcnow
-from db.session import session_scope
-from ingest.dicom.validate import ReceivedInstance
+from ingest.dicom.files import place, relative_path
+from ingest.dicom.registry import Duplicate, GroupCommitter, NewInstance, Refusal
+from ingest.dicom.validate import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    STATUS_WRONG_STUDY,
+    ReceivedInstance,
+    inspect_instance,
+)
+
+log = logging.getLogger(__name__)
+
+#: DICOM's Error Comment (LO) holds at most 64 characters.
+COMMENT_MAX = 64
 
 
 @dataclass(frozen=True)
-class StoreOutcome:
-    study_id: int
-    stored: bool  # False: the SOP instance was already stored (a resend)
+class Sender:
+    """Who sent an instance: the calling AE title (or a front door's client name) and address."""
+
+    ae_title: str
+    address: str
 
 
-def relative_path(inst: ReceivedInstance) -> Path:
-    """study/series/instance layout; UIDs are digits and dots, safe as file names."""
-    return Path(inst.study_uid) / inst.series_uid / f"{inst.sop_instance_uid}.dcm"
+@dataclass(frozen=True)
+class StoreResult:
+    """What to answer: ``status`` (a C-STORE status; 0x0000 success) and, on failure, the
+    ``reason`` recorded and a ``comment`` short enough for the sender (≤ 64 characters)."""
+
+    status: int
+    reason: str = ""
+    comment: str = ""
+    study_id: int | None = None
+    stored: bool = False  # False: a resend of an instance already stored, or a failure
+    #: What the instance said it is (None where it could not be read that far).
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_SUCCESS
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _described(result: StoreResult, inst: ReceivedInstance) -> StoreResult:
+    return replace(
+        result,
+        sop_class_uid=inst.sop_class_uid,
+        sop_instance_uid=inst.sop_instance_uid,
+        study_uid=inst.study_uid,
+        series_uid=inst.series_uid,
+    )
 
 
-def _make_dirs(path: Path) -> None:
-    """mkdir -p, fsync'ing each parent of a directory it creates (so the entry survives a crash)."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
+class InstanceStore:
+    """Validates, durably stores and registers received instances; thread-safe, one per process.
+
+    ``close()`` commits what is in flight and stops the committing thread.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.dicom_storage_dir
+        self.committer = GroupCommitter(settings.database_url)
+
+    def close(self) -> None:
+        self.committer.close()
+
+    def store(
+        self,
+        encoded: bytes,
+        sender: Sender,
+        *,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        study_uid: str | None = None,
+    ) -> StoreResult:
+        """Store one instance given as DICOM file format bytes.
+
+        ``sop_class_uid``/``sop_instance_uid``: what the transfer announced (negotiated
+        context, C-STORE request), checked against the dataset; None where there is none.
+        ``study_uid``: the study the sender addressed (STOW-RS to ``/studies/{study}``); an
+        instance of another study is refused.
+        """
         try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        _fsync_dir(d.parent)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync, rename, fsync the directory."""
-    _make_dirs(path.parent)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _already_stored(settings: Settings, sop_instance_uid: str) -> int | None:
-    with session_scope(settings.database_url) as session:
-        return session.scalar(
-            select(DicomInstance.study_id).where(DicomInstance.sop_instance_uid == sop_instance_uid)
-        )
-
-
-def _audit_duplicate(
-    settings: Settings, study_id: int, sop_instance_uid: str, calling_ae: str, sha: str
-) -> None:
-    with session_scope(settings.database_url) as session:
-        stored_sha = session.scalar(
-            select(DicomInstance.sha256).where(DicomInstance.sop_instance_uid == sop_instance_uid)
-        )
-        audit.append(
-            session,
-            actor=f"ae:{calling_ae}",
-            action="dicom.duplicate",
-            subject=f"dicom-study:{study_id}",
-            details={"same_content": stored_sha == sha},
-        )
-
-
-def store_instance(
-    settings: Settings, inst: ReceivedInstance, encoded: bytes, *, calling_ae: str
-) -> StoreOutcome:
-    """Store one validated instance durably and register it; idempotent per SOP Instance UID."""
-    sha = hashlib.sha256(encoded).hexdigest()
-    existing = _already_stored(settings, inst.sop_instance_uid)
-    if existing is not None:
-        _audit_duplicate(settings, existing, inst.sop_instance_uid, calling_ae, sha)
-        return StoreOutcome(existing, stored=False)
-
-    rel = relative_path(inst)
-    write_atomic(settings.dicom_storage_dir / rel, encoded)
-
-    now = utcnow()
-    with session_scope(settings.database_url) as session:
-        insert_ignore(
-            session,
-            DicomStudy,
-            [
-                {
-                    "study_uid": inst.study_uid,
-                    "patient_digest": inst.patient_digest,
-                    "calling_ae": calling_ae,
-                    "open": True,
-                    "version": 0,
-                    "instance_count": 0,
-                    "first_instance_at": now,
-                    "last_instance_at": now,
-                }
-            ],
-            ("study_uid",),
-        )
-        study = session.scalars(
-            select(DicomStudy).where(DicomStudy.study_uid == inst.study_uid).with_for_update()
-        ).one()
-        inserted = insert_ignore(
-            session,
-            DicomInstance,
-            [
-                {
-                    "study_id": study.id,
-                    "batch": study.version + 1,
-                    "series_uid": inst.series_uid,
-                    "sop_instance_uid": inst.sop_instance_uid,
-                    "sop_class_uid": inst.sop_class_uid,
-                    "transfer_syntax_uid": inst.transfer_syntax_uid,
-                    "modality": inst.modality,
-                    "path": str(rel),
-                    "size_bytes": len(encoded),
-                    "sha256": sha,
-                    "calling_ae": calling_ae,
-                    "received_at": now,
-                }
-            ],
-            ("sop_instance_uid",),
-        )
-        if inserted:
-            reopened = not study.open
-            session.execute(
-                update(DicomStudy)
-                .where(DicomStudy.id == study.id)
-                .values(
-                    open=True,
-                    last_instance_at=now,
-                    instance_count=DicomStudy.instance_count + 1,
-                )
+            inst = inspect_instance(
+                encoded, context_sop_class=sop_class_uid, affected_sop_instance=sop_instance_uid
             )
-            audit.append(
-                session,
-                actor=f"ae:{calling_ae}",
-                action="dicom.stored",
-                subject=f"dicom-study:{study.id}",
-                details={
-                    "batch": study.version + 1,
-                    "modality": inst.modality,
-                    "bytes": len(encoded),
-                    "sha256": sha,
-                    **({"reopened_after_version": study.version} if reopened else {}),
-                },
+        except InstanceRefusedError as exc:
+            return self._refuse(sender, sop_class_uid, sop_instance_uid, exc.status, exc.reason)
+        if study_uid is not None and inst.study_uid != study_uid:
+            refused = self._refuse(
+                sender,
+                inst.sop_class_uid,
+                inst.sop_instance_uid,
+                STATUS_WRONG_STUDY,
+                "the instance belongs to another study than the one addressed",
             )
-        study_id = study.id
-    if not inserted:  # another association stored it between our check and our insert
-        _audit_duplicate(settings, study_id, inst.sop_instance_uid, calling_ae, sha)
-    return StoreOutcome(study_id, stored=bool(inserted))
+            return _described(refused, inst)
+        try:
+            return _described(self._store_valid(inst, encoded, sender), inst)
+        except Exception as exc:  # storage or database trouble: the sender must retry
+            log.exception("could not store an instance from AE %r", sender.ae_title)
+            refused = self._refuse(
+                sender,
+                sop_class_uid or inst.sop_class_uid,
+                inst.sop_instance_uid,
+                STATUS_OUT_OF_RESOURCES,
+                f"could not store the instance ({type(exc).__name__}: {exc}); the sender "
+                "should retry once storage/database are back",
+                comment=f"storage failed ({type(exc).__name__}); retry later",
+            )
+            return _described(refused, inst)
+
+    def _store_valid(self, inst: ReceivedInstance, encoded: bytes, sender: Sender) -> StoreResult:
+        ae = sender.ae_title[:16]
+        sha = hashlib.sha256(encoded).hexdigest()
+        committer = self.committer
+        if committer.stored_study(inst.sop_instance_uid) is not None:
+            reg = committer.commit(Duplicate(inst.sop_instance_uid, sha, ae))
+        else:
+            rel = relative_path(inst)
+            placed = place(self.root / rel, encoded)
+            ticket = committer.submit(
+                NewInstance(inst, str(rel), len(encoded), sha, ae), directory=placed.path.parent
+            )
+            try:  # the committer fsyncs the directory meanwhile
+                placed.sync()
+            except BaseException as exc:
+                ticket.file_synced(exc)
+                raise
+            ticket.file_synced()
+            reg = ticket.wait(committer.timeout_s)
+        if not reg.inserted:
+            log.info("study %s: resent instance from AE %r already stored", reg.study_id, ae)
+        return StoreResult(STATUS_SUCCESS, study_id=reg.study_id, stored=reg.inserted)
+
+    def _refuse(
+        self,
+        sender: Sender,
+        sop_class: str | None,
+        sop_uid: str | None,
+        status: int,
+        reason: str,
+        *,
+        comment: str | None = None,
+    ) -> StoreResult:
+        """Record the refusal (a ``dicom_rejections`` row and its audit event) and answer it;
+        ``comment`` is a shorter text for the sender when the reason does not fit."""
+        log.warning("C-STORE from AE %r refused (0x%04X): %s", sender.ae_title, status, reason)
+        try:
+            self.committer.commit(
+                Refusal(sender.ae_title, sender.address, sop_class, sop_uid, status, reason)
+            )
+        except Exception:  # the sender still gets its failure status
+            log.exception("could not record a refused instance")
+        return StoreResult(status, reason, (comment or reason)[:COMMENT_MAX])

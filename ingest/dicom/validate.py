@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -25,8 +26,12 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
+#: STOW-RS to /studies/{study} with an instance of another study (as Azure and Orthanc answer).
+STATUS_WRONG_STUDY = 0xA901
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class ReceivedInstance:
     transfer_syntax_uid: str
     modality: str
     patient_digest: str
+    accession_number: str = ""  # what a DICOMweb search (QIDO-RS) finds a study by
+    study_date: str = ""
 
 
 def _refuse(status: int, reason: str) -> InstanceRefusedError:
@@ -81,13 +88,20 @@ def _check_pixel_data(ds: pydicom.Dataset, transfer_syntax: UID) -> None:
 
 
 def inspect_instance(
-    encoded: bytes, *, context_sop_class: str, affected_sop_instance: str | None = None
+    encoded: bytes,
+    *,
+    context_sop_class: str | None = None,
+    affected_sop_instance: str | None = None,
 ) -> ReceivedInstance:
     """Parse a received dataset (DICOM file format bytes) and check it is complete.
 
+    ``context_sop_class`` and ``affected_sop_instance`` are what the transfer announced (the
+    negotiated presentation context, the C-STORE request); None where the front door has none.
     Raises :class:`InstanceRefusedError` with the status to send back.
     """
-    with warnings.catch_warnings(record=True) as caught:
+    # catch_warnings swaps process-wide state: with several associations parsing at once, one
+    # thread's truncation warning could land in another's list, so parses capture one at a time.
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(io.BytesIO(encoded))
@@ -106,7 +120,7 @@ def inspect_instance(
     if bad:
         raise _refuse(STATUS_DOES_NOT_MATCH, f"malformed UID(s): {', '.join(bad)}")
     sop_class = UID(str(ds.SOPClassUID))
-    if sop_class != context_sop_class:
+    if context_sop_class is not None and sop_class != context_sop_class:
         raise _refuse(
             STATUS_DOES_NOT_MATCH,
             f"SOP Class UID {sop_class} differs from the negotiated {context_sop_class}",
@@ -136,4 +150,6 @@ def inspect_instance(
         transfer_syntax_uid=str(transfer_syntax),
         modality=str(ds.get("Modality", "") or "")[:16],
         patient_digest=subject_digest(str(ds.get("PatientID", "") or "")),
+        accession_number=str(ds.get("AccessionNumber", "") or "")[:16],
+        study_date=str(ds.get("StudyDate", "") or "")[:8],
     )

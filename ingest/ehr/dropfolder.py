@@ -4,6 +4,10 @@ A file is taken once it has been unchanged for ``ehr_drop_settle_s`` (a copy sti
 is left for the next scan), and each version of a file (path, size, modification time) is hashed
 only once. Its content hash decides the rest: an extract already submitted, under this name or
 another, is recorded as a duplicate and not scored again.
+
+A folder (a FHIR Bulk Data ``$export`` as a client downloads it) is a candidate too; it is
+settled when none of the files in it has changed for the settle time, and its version is its
+total size and newest modification time. A .zip or .tar of an export is a file like any other.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from core.settings import Settings
 from db.insert_ignore import insert_ignore
 from db.models import EhrDropFile
 from db.session import session_scope
-from ingest.ehr.submit import Publisher, submit_extract
-from ingest.files import file_sha256
+from ingest.ehr.fhir_export import fingerprint
+from ingest.ehr.submit import Publisher, extract_sha256, submit_extract
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +46,14 @@ def _candidates(folder: Path, settle_s: float, now: float) -> list[tuple[Path, i
     found = []
     for path in sorted(folder.iterdir()):
         name = path.name.lower()
-        if name.startswith(".") or name.endswith(_IGNORED_SUFFIXES) or not path.is_file():
+        if name.startswith(".") or name.endswith(_IGNORED_SUFFIXES):
             continue
-        stat = path.stat()
-        if now - stat.st_mtime < settle_s:
+        if not (path.is_file() or path.is_dir()):
+            continue
+        size, mtime_ns = fingerprint(path)  # a folder: everything in it
+        if now - mtime_ns / 1e9 < settle_s:
             continue  # still being written (or just finished): next scan
-        found.append((path.resolve(), stat.st_size, stat.st_mtime_ns))
+        found.append((path.resolve(), size, mtime_ns))
     return found
 
 
@@ -72,7 +78,7 @@ def scan_drop_folder(
             )
         if seen is not None:
             continue
-        sha = file_sha256(path)
+        sha = extract_sha256(path)
         job_id: int | None
         try:
             result = submit_extract(path, settings, publisher, sha256=sha, actor=ACTOR)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -29,9 +28,9 @@ import pyarrow.compute as pc
 from pyarrow import csv as pacsv
 
 from core.errors import InputError
+from ingest.ehr.blocks import VARIABLE_CODES, LongBlock, Rejection
 from ingest.ehr.schema import (
     LONG_COLUMNS,
-    VARIABLES,
     WIDE_KEY_COLUMNS,
     RowRejected,
     Variable,
@@ -44,32 +43,8 @@ from ingest.ehr.schema import (
 )
 from ingest.text import open_text, read_first_line
 
-#: Index of each variable in :data:`VARIABLES` order: the compact code accepted rows carry.
-VARIABLE_CODES: dict[str, int] = {name: i for i, name in enumerate(VARIABLES)}
 _NUMBER = r"^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*$"
 _TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
-
-
-@dataclass(frozen=True)
-class Rejection:
-    line: int  # physical line in the file; the header is line 1
-    kind: str
-    reason: str
-
-
-@dataclass
-class LongBlock:
-    """The accepted measurements of one block (values in canonical units) and its rejections."""
-
-    lines: npt.NDArray[np.int64]
-    patient_id: pa.Array
-    timestamp: npt.NDArray[np.datetime64]
-    variable: npt.NDArray[np.int8]
-    value: npt.NDArray[np.float64]
-    rejections: list[Rejection] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.lines)
 
 
 class _LineTracker:
@@ -315,7 +290,14 @@ def _header(path: Path) -> list[str]:
 
 
 def detect_format(path: Path) -> str:
-    """``long`` or ``wide`` from the header line; anything else is not an extract."""
+    """``long`` or ``wide`` from the header line, ``fhir`` for a Bulk Data export (a folder, a
+    .zip or .tar of one, or NDJSON; :mod:`ingest.ehr.fhir_export`); anything else is not an
+    extract."""
+    from ingest.ehr.fhir_export import looks_like_export, open_export
+
+    if looks_like_export(path):
+        open_export(path)  # raises, saying why, when it holds nothing to score
+        return "fhir"
     header = [h.strip().lower() for h in _header(path)]
     if header[: len(LONG_COLUMNS)] == list(LONG_COLUMNS):
         return "long"
@@ -324,7 +306,8 @@ def detect_format(path: Path) -> str:
     raise InputError(
         f"{path.name}: not an EHR extract: the header must be "
         f"'{','.join(LONG_COLUMNS)}' (long format) or start with "
-        f"'{','.join(WIDE_KEY_COLUMNS)}' followed by '<variable> (<unit>)' columns (wide format)"
+        f"'{','.join(WIDE_KEY_COLUMNS)}' followed by '<variable> (<unit>)' columns (wide format), "
+        "or it must be a FHIR Bulk Data export (a folder, .zip or .tar of NDJSON files)"
     )
 
 
@@ -335,13 +318,18 @@ def read_extract(
     block_size: int = 8 << 20,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[LongBlock]:
-    """Validated blocks of a long or wide extract (``fmt`` None: from the header)."""
+    """Validated blocks of a long or wide extract or a FHIR export (``fmt`` None: from the
+    content)."""
     fmt = fmt or detect_format(path)
     if fmt == "long":
         return read_long(path, block_size=block_size, on_bytes=on_bytes)
     if fmt == "wide":
         return read_wide(path, block_size=block_size, on_bytes=on_bytes)
-    raise InputError(f"unknown extract format {fmt!r}: long or wide")
+    if fmt == "fhir":
+        from ingest.ehr.fhir_reader import NDJSON_BLOCK_FACTOR, read_fhir
+
+        return read_fhir(path, block_size=block_size * NDJSON_BLOCK_FACTOR, on_bytes=on_bytes)
+    raise InputError(f"unknown extract format {fmt!r}: long, wide or fhir")
 
 
 def read_wide(

@@ -24,6 +24,13 @@ from db import audit
 from db.jobs import add_submission, live_job_for_key, next_key
 from db.models import Job, JobState
 from db.session import session_scope
+from ingest.ehr.fhir_export import (
+    NDJSON_BYTES_PER_CSV_BYTE,
+    export_sha256,
+    fingerprint,
+    looks_like_export,
+    open_export,
+)
 from ingest.ehr.reader import detect_format
 from ingest.files import file_sha256
 from ingest.text import text_size
@@ -43,6 +50,26 @@ class ExtractSubmission:
 def model_versions(settings: Settings) -> dict[str, str]:
     """The EHR models and versions an extract is scored with (part of its identity)."""
     return {m.name: m.version(settings) for m in ehr_models(settings)}
+
+
+def extract_sha256(path: Path) -> str:
+    """The content identity of an extract: the file's SHA-256, or for a FHIR export the hash of
+    its Patient and Observation files (:func:`ingest.ehr.fhir_export.export_sha256`: the same
+    export as a folder, a .zip or a .tar is one extract). Something that is neither (it will be
+    a rejected job) is known by its bytes, or a folder by its listing."""
+    path = Path(path)
+    if looks_like_export(path):
+        try:
+            return export_sha256(open_export(path))
+        except InputError:
+            pass
+    if path.is_file():
+        return file_sha256(path)
+    listing = hashlib.sha256(b"medbatch folder listing\n")
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = item.stat()
+        listing.update(f"{item.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return listing.hexdigest()
 
 
 def _base_key(sha: str, settings: Settings) -> str:
@@ -88,10 +115,10 @@ def submit_extract(
     """Create the extract job and its ingest job and publish the ingest; or find the job that
     already holds this content. Raises :class:`InputError` for a file that is not an extract."""
     path = Path(path).resolve()
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    stat = path.stat()
-    sha = sha256 or file_sha256(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    size_bytes, mtime_ns = fingerprint(path)
+    sha = sha256 or extract_sha256(path)
     base_key = _base_key(sha, settings)
     actor = actor or audit.current_actor("user")
     try:
@@ -110,15 +137,22 @@ def submit_extract(
                 details={"file_sha256": sha, "note": "same extract content; not rescored"},
             )
             return ExtractSubmission(int(existing.id), True)
-        params = {
+        params: dict[str, object] = {
             "path": str(path),
             "file_sha256": sha,
-            "size_bytes": stat.st_size,
-            "text_bytes": text_size(path),
-            "mtime_ns": stat.st_mtime_ns,
+            "size_bytes": size_bytes,
+            "mtime_ns": mtime_ns,
             "format": fmt,
             "models": model_versions(settings),
         }
+        if fmt == "fhir":
+            export = open_export(path)
+            text_bytes = export.text_bytes()
+            params["text_bytes"] = text_bytes
+            params["bucket_basis_bytes"] = text_bytes // NDJSON_BYTES_PER_CSV_BYTE
+            params["fhir"] = export.describe()
+        else:
+            params["text_bytes"] = text_size(path)
         parent = Job(
             kind=JobKind.EHR_EXTRACT.value,
             source=path.name[:512],
@@ -148,5 +182,5 @@ def submit_extract(
         parent_id, ingest_id = int(parent.id), int(ingest.id)
     # Committed first, then published: a message lost here is re-sent by the sweeper.
     publisher(ingest_id, JobKind.EHR_INGEST.value)
-    log.info("extract job %s registered (%s format, %d bytes)", parent_id, fmt, stat.st_size)
+    log.info("extract job %s registered (%s format, %d bytes)", parent_id, fmt, size_bytes)
     return ExtractSubmission(parent_id, False, ingest_id)

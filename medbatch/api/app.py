@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -103,9 +105,23 @@ def _audit_refusal(settings: Settings, request: Request, problem: HttpProblem) -
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from medbatch.api.routes import console, jobs, studies, submissions, system
+    from medbatch.api.routes import console, dicomweb, jobs, studies, submissions, system
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from medbatch.services import dicomweb
+
+        app.state.instance_store = dicomweb.open_store(settings)
+        completion = dicomweb.Completion(settings)
+        completion.start()
+        try:
+            yield
+        finally:
+            completion.stop()
+            app.state.instance_store.close()
 
     app = FastAPI(
+        lifespan=lifespan,
         title="medbatch",
         version="1",
         description="Batch inference for PACS, EHR extracts and compound libraries: submit, "
@@ -154,7 +170,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.exception("%s %s: unexpected error", request.method, _route(request.scope))
         return await answer(request, as_problem(exc))
 
-    for module in (system, submissions, jobs, studies):
+    for module in (system, submissions, jobs, studies, dicomweb):
         app.include_router(module.router)
     console.mount(app)
     app.add_middleware(AccessLog, metrics=metrics)

@@ -68,6 +68,11 @@ def summary_table(s: Settings, extract_id: int) -> Table:
     table.add_row("rows rejected", f"{c.rejected_rows:,}")
     for kind, n in sorted(c.rejected_by_kind.items()):
         table.add_row(f"  {kind.replace('_', ' ')}", f"{n:,}")
+    for reason, n in c.skipped.items():  # FHIR: not results, not errors
+        table.add_row(f"skipped: {reason}", f"{n:,}")
+    if c.unknown_codes:
+        shown = ", ".join(f"{code} ×{n:,}" for code, n in list(c.unknown_codes.items())[:5])
+        table.add_row("observations of codes no model uses", shown)
     table.add_row("patients scored", f"{c.patients_scored:,}")
     table.add_row("out-of-distribution profiles", f"{c.out_of_distribution:,}")
     table.add_row("scoring batches", str(c.batches))
@@ -94,9 +99,10 @@ def ehr(
     extract: Annotated[
         Path,
         typer.Argument(
-            help="A long (patient_id,timestamp,variable,value,unit) or wide CSV extract.",
+            help="A long (patient_id,timestamp,variable,value,unit) or wide CSV extract, or a "
+            "FHIR Bulk Data $export (folder, .zip or .tar of NDJSON files).",
             exists=True,
-            dir_okay=False,
+            dir_okay=True,
         ),
     ],
     force: Annotated[bool, typer.Option(help="Score again even if this content was.")] = False,
@@ -115,16 +121,20 @@ def ehr(
 
 @app.command("synth-ehr", rich_help_panel="EHR extracts")
 def synth_ehr(
-    out_file: Annotated[Path, typer.Argument(help="The extract to write (.csv).")],
+    out_file: Annotated[
+        Path, typer.Argument(help="The extract to write (.csv; a folder for --format fhir).")
+    ],
     patients: Annotated[int, typer.Option(help="Patients to generate.")] = 1000,
     seed: Annotated[int, typer.Option(help="Same seed, same file (byte for byte).")] = 0,
-    fmt: Annotated[str, typer.Option("--format", help="long or wide.")] = "long",
+    fmt: Annotated[
+        str, typer.Option("--format", help="long, wide, or fhir (a Bulk Data $export folder).")
+    ] = "long",
     messiness: Annotated[
         float, typer.Option(help="Share of broken rows (typos, bad units, impossible values).")
     ] = 0.02,
 ) -> None:
     """Write a deterministic synthetic EHR extract (+ ground-truth and defect sidecars)."""
-    from medbatch.synth.ehr import synth_ehr_command
+    from medbatch.synth.command import synth_ehr_command
 
     try:
         stats = synth_ehr_command(out_file, patients, seed, fmt, messiness)
@@ -143,15 +153,27 @@ def demo_ehr(
     work: Annotated[Path, typer.Option(help="Where the extract and outputs go.")] = Path(
         "var/demo-ehr"
     ),
+    fmt: Annotated[
+        str, typer.Option("--format", help="long (a CSV extract) or fhir (a $export folder).")
+    ] = "long",
 ) -> None:
     """Nightly EHR scoring end to end: a synthetic extract with broken rows is scored by every
     EHR model; results CSV, an HTML report with attention per patient, and AUROC vs the truth."""
-    from medbatch.synth.ehr import write_long_csv
+    from medbatch.synth.ehr import SynthStats, write_long_csv
 
     s = settings()
     work.mkdir(parents=True, exist_ok=True)
-    extract = work / "extract.csv"
-    stats = write_long_csv(extract, patients, seed=2026, messiness=0.02)
+    if fmt not in ("long", "fhir"):
+        raise fail(ValueError(f"unknown format {fmt!r}; choose long or fhir"))
+    stats: SynthStats
+    if fmt == "fhir":
+        from medbatch.synth.ehr_fhir import write_fhir_export
+
+        extract = work / "export"
+        stats = write_fhir_export(extract, patients, seed=2026, messiness=0.02)
+    else:
+        extract = work / "extract.csv"
+        stats = write_long_csv(extract, patients, seed=2026, messiness=0.02)
     ok(f"wrote {extract}: {stats.rows:,} rows, {stats.broken_rows:,} of them broken on purpose")
     try:
         with running_stack(s, workers=1, beat=True, report=ok):

@@ -14,6 +14,11 @@ from medbatch.cli.common import export, fail, ok, out, settings, terminal_user
 from medbatch.services import jobs as job_service
 from medbatch.services.reports import render_report
 
+#: The job whose results are exported or reported.
+ResultsJob = Annotated[
+    int, typer.Argument(help="A screening or EHR extract job id (see `medbatch jobs`).")
+]
+
 
 @app.command(rich_help_panel="Jobs and results")
 def jobs(
@@ -61,9 +66,7 @@ def jobs(
 
 @app.command(rich_help_panel="Jobs and results")
 def results(
-    job_id: Annotated[
-        int, typer.Argument(help="A screening or EHR extract job id (see `medbatch jobs`).")
-    ],
+    job_id: ResultsJob,
     out_file: Annotated[Path, typer.Option("--out", help="file.csv or file.parquet")],
 ) -> None:
     """Export results: a screening job's, one row per line of the file; an EHR extract's, one
@@ -76,9 +79,7 @@ def results(
 
 @app.command(rich_help_panel="Jobs and results")
 def report(
-    job_id: Annotated[
-        int, typer.Argument(help="A screening or EHR extract job id (see `medbatch jobs`).")
-    ],
+    job_id: ResultsJob,
     out_file: Annotated[Path, typer.Option("--out", help="report.html")],
     patient: Annotated[
         list[str] | None,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from core.job_kinds import JobKind
 from core.model_registry import served_model
 from core.settings import Settings
+from db import audit
 from db.jobs import get_job
 from db.models import TERMINAL_STATES, EhrScore, Job, JobState
 from db.session import session_scope
@@ -57,6 +60,10 @@ class ExtractSummary:
     patients_scored: int
     out_of_distribution: int
     batches: int
+    skipped: dict[str, int] = field(default_factory=dict)  # FHIR: entered-in-error, …
+    unknown_codes: dict[str, int] = field(default_factory=dict)  # FHIR: codes no model uses
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 def submit_extract(
@@ -96,33 +103,71 @@ def extract_progress(settings: Settings, extract_id: int) -> ExtractProgress:
         )
 
 
+def _summary(job: Job, patients: int, ood: int) -> ExtractSummary:
+    c = dict(job.summary or {})
+
+    def counts(key: str) -> dict[str, int]:
+        return {str(k): int(v) for k, v in c.get(key, {}).items()}
+
+    return ExtractSummary(
+        job_id=int(job.id),
+        source=job.source,
+        state=job.state,
+        error=job.error,
+        accepted_rows=int(c.get("accepted_rows", 0)),
+        rejected_rows=int(c.get("rejected_rows", 0)),
+        rejected_by_kind=counts("rejected_by_kind"),
+        patients_scored=patients,
+        out_of_distribution=ood,
+        batches=int(c.get("buckets", 0)),
+        skipped=counts("skipped"),
+        unknown_codes=counts("unknown_codes"),
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _scored(session: Session, extract_ids: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+    """Patients scored and profiles out of distribution, per extract."""
+    patients = session.execute(
+        select(EhrScore.extract_id, func.count(func.distinct(EhrScore.patient_id)))
+        .where(EhrScore.extract_id.in_(extract_ids))
+        .group_by(EhrScore.extract_id)
+    ).all()
+    ood = session.execute(
+        select(EhrScore.extract_id, func.count())
+        .where(EhrScore.extract_id.in_(extract_ids), EhrScore.out_of_distribution.is_(True))
+        .group_by(EhrScore.extract_id)
+    ).all()
+    return {int(i): int(n) for i, n in patients}, {int(i): int(n) for i, n in ood}
+
+
 def extract_summary(settings: Settings, extract_id: int) -> ExtractSummary:
     """Rows accepted and rejected (by reason), patients scored, profiles out of distribution."""
     with session_scope(settings.database_url) as session:
         job = get_job(session, extract_id)
-        patients = session.scalar(
-            select(func.count(func.distinct(EhrScore.patient_id))).where(
-                EhrScore.extract_id == extract_id
-            )
-        )
-        ood = session.scalar(
-            select(func.count())
-            .select_from(EhrScore)
-            .where(EhrScore.extract_id == extract_id, EhrScore.out_of_distribution.is_(True))
-        )
-        c = dict(job.summary or {})
-        return ExtractSummary(
-            job_id=extract_id,
-            source=job.source,
-            state=job.state,
-            error=job.error,
-            accepted_rows=int(c.get("accepted_rows", 0)),
-            rejected_rows=int(c.get("rejected_rows", 0)),
-            rejected_by_kind={str(k): int(v) for k, v in c.get("rejected_by_kind", {}).items()},
-            patients_scored=int(patients or 0),
-            out_of_distribution=int(ood or 0),
-            batches=int(c.get("buckets", 0)),
-        )
+        patients, ood = _scored(session, [extract_id])
+        return _summary(job, patients.get(extract_id, 0), ood.get(extract_id, 0))
+
+
+def list_extracts(
+    settings: Settings, *, actor: str, limit: int = 50, before_id: int | None = None
+) -> list[ExtractSummary]:
+    """The newest extracts with their counts (rows accepted and rejected, patients scored,
+    profiles out of distribution): three queries for the whole page (the console's list)."""
+    query = (
+        select(Job)
+        .where(Job.kind == JobKind.EHR_EXTRACT.value)
+        .order_by(Job.id.desc())
+        .limit(limit)
+    )
+    if before_id is not None:
+        query = query.where(Job.id < before_id)
+    with session_scope(settings.database_url) as session:
+        audit.append(session, actor=actor, action="jobs.read", subject="ehr-extract:*")
+        jobs = list(session.scalars(query))
+        patients, ood = _scored(session, [int(j.id) for j in jobs])
+        return [_summary(j, patients.get(int(j.id), 0), ood.get(int(j.id), 0)) for j in jobs]
 
 
 def truth_auroc(settings: Settings, extract_id: int, truth_csv: Path) -> dict[str, float | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,10 @@ from db.session import session_scope
 
 class StudyNotFoundError(NotFoundError):
     """No study with that Study Instance UID; `medbatch studies` lists the ones received."""
+
+
+class KeyImageNotFoundError(NotFoundError):
+    """The study has no key image: not scored yet, or not applicable (no usable CT series)."""
 
 
 @dataclass(frozen=True)
@@ -151,3 +156,48 @@ def study_job_outcome(settings: Settings, study_uid: str) -> tuple[str, float | 
             return None
         result = session.scalars(select(DicomResult).where(DicomResult.job_id == job.id)).first()
         return job.state, (float(result.study_probability) if result else None)
+
+
+def key_image_png(
+    settings: Settings, study_uid: str, *, actor: str, version: int | None = None
+) -> bytes:
+    """The key-slice secondary capture medbatch produced for a study (its newest result, or
+    ``version``) as a PNG: what the PACS received, for a browser. Audited as a read."""
+    import pydicom
+    from PIL import Image
+
+    with session_scope(settings.database_url) as session:
+        study = session.scalars(select(DicomStudy).where(DicomStudy.study_uid == study_uid)).first()
+        if study is None:
+            raise StudyNotFoundError(
+                "no study with that Study Instance UID; `medbatch studies` lists the received ones"
+            )
+        query = select(DicomResult).where(DicomResult.study_id == study.id)
+        if version is not None:
+            query = query.where(DicomResult.version == version)
+        result = session.scalars(query.order_by(DicomResult.version.desc()).limit(1)).first()
+        if result is None or not result.sc_path:
+            raise KeyImageNotFoundError(
+                f"study {study.id} has no key image"
+                + (f" in version {version}" if version is not None else "")
+                + ": it has not been scored yet, or was not applicable (`medbatch studies`)"
+            )
+        audit.append(
+            session,
+            actor=actor,
+            action="studies.read",
+            subject=f"study:{study.id}",
+            details={"key_image": result.version},
+        )
+        relative = result.sc_path
+    root = settings.storage_dir.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise KeyImageNotFoundError(
+            f"the key image of study {study.id} is missing under MEDBATCH_STORAGE_DIR "
+            f"({relative}); was the storage folder moved or cleaned up?"
+        )
+    pixels = pydicom.dcmread(path).pixel_array
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

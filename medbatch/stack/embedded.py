@@ -17,7 +17,7 @@ from functools import partial
 from types import TracebackType
 
 from core.errors import SupervisionError
-from core.settings import Settings
+from core.settings import Settings, settings_env
 from db.migrate import upgrade
 from medbatch.stack import probes, redis_server, triton_server
 from medbatch.stack.probes import redacted_url
@@ -30,7 +30,7 @@ from medbatch.stack.supervisor import (
     Supervisor,
     db_audit_sink,
 )
-from medbatch.stack.worker_process import settings_env, worker_process, worker_ready
+from medbatch.stack.worker_process import worker_process, worker_ready
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,12 @@ The wheel ships ``tritonserver`` (2.51), the python backend and one backend stub
 version. Triton looks for the stub inside the backend directory, so we assemble one under the
 storage directory with the stub built for *this* interpreter, and point the stub at this
 interpreter's ``libpython`` and site-packages (where torch lives for the model side).
+
+The stub runs Python in isolated mode: of this repository only the backend folder itself is on
+its ``sys.path``. The models' shared adapter (``triton_torch_adapter``) is linked there, next to
+``triton_python_backend_utils.py``, so that every ``model.py`` can import it first; the adapter
+then adds the site-packages named in ``PYTHONPATH``. docker/triton.Dockerfile puts it in the same
+place in the NGC image.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from pathlib import Path
 from core.errors import ConfigurationError
 from core.settings import Settings
 from medbatch.stack.process import ManagedProcess
+
+#: The package every ``triton_models/*/1/model.py`` imports (see the module docstring).
+ADAPTER_PACKAGE = "triton_torch_adapter"
 
 
 def pytriton_root() -> Path:
@@ -47,7 +56,34 @@ def backend_directory(state_dir: Path) -> Path:
             dst = target / src.name
             if not dst.exists() or dst.stat().st_size != src.stat().st_size:
                 shutil.copy2(src, dst)
+    _link(target / ADAPTER_PACKAGE, adapter_package_dir())
     return target.parent
+
+
+def adapter_package_dir() -> Path:
+    """Where the models' adapter package lies (found, not imported)."""
+    spec = importlib.util.find_spec(ADAPTER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigurationError(
+            f"the {ADAPTER_PACKAGE} package is not installed (pip install -e . in the repository)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+def _link(link: Path, target: Path) -> None:
+    """``link`` → ``target`` as a symbolic link (a link to elsewhere is replaced: the storage
+    directory may have served another checkout)."""
+    if link.is_symlink() and link.resolve() == target:
+        return
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    try:
+        link.symlink_to(target, target_is_directory=True)
+    except FileExistsError:  # another process linked it at the same moment
+        if link.resolve() != target:
+            raise
 
 
 def server_env() -> dict[str, str]:

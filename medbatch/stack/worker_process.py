@@ -7,7 +7,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from core.settings import Settings
+from core.settings import Settings, settings_env
 from medbatch.stack.process import ManagedProcess
 
 
@@ -22,18 +22,6 @@ def use_settings(settings: Settings) -> None:
     )
     get_settings.cache_clear()
     reconfigure(app, settings)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process see exactly these settings."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        key = f"MEDBATCH_{name.upper()}"
-        if value is None:  # unset optional setting: must not become the text "None"
-            env.pop(key, None)
-        else:
-            env[key] = str(value)
-    return env
 
 
 def worker_argv(

@@ -93,7 +93,6 @@ __all__ = [
     "Visit",
     "cvd_probability",
     "diabetes_complication_probability",
-    "synth_ehr_command",
     "synth_patient",
     "synth_patients",
     "write_long_csv",
@@ -771,16 +770,3 @@ def _break_wide(
         else:
             out[j] = mess.impossible(var, units[var])
     return out
-
-
-def synth_ehr_command(
-    out: Path, patients: int, seed: int, fmt: str, messiness: float
-) -> SynthStats:
-    """What ``medbatch synth-ehr`` does: write a ``long`` or ``wide`` extract to ``out``."""
-    if patients < 1:
-        raise ValueError("patients must be ≥ 1")
-    if fmt == "long":
-        return write_long_csv(Path(out), patients, seed, messiness=messiness)
-    if fmt == "wide":
-        return write_wide_csv(Path(out), patients, seed, messiness=messiness)
-    raise ValueError(f"unknown format {fmt!r}; choose long or wide")

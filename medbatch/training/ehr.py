@@ -3,8 +3,9 @@
 and their tests.
 
 A cohort is built the way the nightly path sees patients: ``medbatch.synth.ehr.write_long_csv``
-writes a long extract, ``ingest.ehr.reader.read_long`` reads it back (rejected rows dropped, units
-converted) and the accepted rows are grouped per patient into
+writes a long extract (or ``write_fhir_export`` a FHIR ``$export`` of the same patients),
+``ingest.ehr.reader.read_extract``, the worker's own entry point, reads it back (rejected rows
+dropped, units converted) and the accepted rows are grouped per patient into
 ``workers.ehr.features.PatientMeasurements``; labels and the true generating probability come
 from the extract's truth sidecar, which serving never sees. Keeping this in one place means both
 models are trained, and re-checked by their tests, on exactly the same reading of the data.
@@ -22,9 +23,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ingest.ehr.reader import read_long
-from medbatch.synth.ehr import write_long_csv
+from ingest.ehr.reader import read_extract
+from medbatch.synth.ehr import SynthStats, write_long_csv
 from medbatch.training.metrics import contribution_summary, held_out_results, logistic_baseline
+from medbatch.training.run import card_fields as card_fields_of_every_model
 from workers.ehr.features import PatientMeasurements
 
 if TYPE_CHECKING:
@@ -48,16 +50,23 @@ class Cohort:
     accepted: int  # measurements the reader accepted
 
 
-def load_cohort(n: int, seed: int, workdir: Path, outcome: str) -> Cohort:
-    """Write a long extract of ``n`` patients, read it back with the ingest's reader and group
-    the accepted rows per patient (patients in generation order; one with no accepted row, if
-    any, is dropped: the worker could not score it either). ``outcome`` names the truth
-    columns ``<outcome>_label`` and ``<outcome>_prob``."""
-    path = workdir / f"extract-{seed}-{n}.csv"
-    stats = write_long_csv(path, n, seed)
+def load_cohort(n: int, seed: int, workdir: Path, outcome: str, fmt: str = "long") -> Cohort:
+    """Write an extract of ``n`` patients (``long`` CSV, or ``fhir``: a $export), read it back
+    with the ingest's reader and group the accepted rows per patient (patients in generation
+    order; one with no accepted row, if any, is dropped: the worker could not score it
+    either). ``outcome`` names the truth columns ``<outcome>_label`` and ``<outcome>_prob``."""
+    stats: SynthStats
+    if fmt == "fhir":
+        from medbatch.synth.ehr_fhir import write_fhir_export
+
+        path = workdir / f"export-{seed}-{n}"
+        stats = write_fhir_export(path, n, seed)
+    else:
+        path = workdir / f"extract-{seed}-{n}.csv"
+        stats = write_long_csv(path, n, seed)
     with stats.truth_path.open(newline="") as f:
         truth = list(csv.DictReader(f))
-    blocks = list(read_long(path))
+    blocks = list(read_extract(path))
     pid = np.concatenate([b.patient_id.to_numpy(zero_copy_only=False) for b in blocks])
     stamp = np.concatenate([b.timestamp for b in blocks])
     var = np.concatenate([b.variable for b in blocks])
@@ -231,7 +240,8 @@ CARD_DISCLAIMER = """\
 > clinical care, screening, triage or any other decision about a patient.**"""
 CARD_REPRODUCIBILITY = """\
 Deterministic: fixed seeds, `torch.use_deterministic_algorithms(True)`, one torch thread; two
-runs give identical tensors. State-dict SHA-256 (`network.state_dict_sha256`): `{state_sha}`.
+runs give identical tensors. State-dict SHA-256
+(`triton_torch_adapter.model_files.state_dict_sha256`): `{state_sha}`.
 `1/weights.pt`: {weights_bytes} bytes. Built with torch {torch_version}, numpy {numpy_version},
 in about {wall_min:.1f} minutes on 2 CPU cores.
 
@@ -281,19 +291,13 @@ def contribution_table(contributions: Mapping[str, Mapping[str, Any]]) -> str:
 
 def card_fields(metrics: Mapping[str, Any], name: str, baseline: str) -> dict[str, Any]:
     """The template fields both EHR model cards fill the same way from ``metrics.json``."""
-    t, d, hp = metrics["test"], metrics["data"], metrics["hyperparameters"]
+    t, d = metrics["test"], metrics["data"]
     mb, cm = t["model_minus_baseline_auroc"], t["ceiling_minus_model_auroc"]
-    reproducibility = CARD_REPRODUCIBILITY.format(
-        state_sha=metrics["state_dict_sha256"],
-        weights_bytes=metrics["weights_bytes"],
-        torch_version=metrics["environment"]["torch"],
-        numpy_version=metrics["environment"]["numpy"],
-        wall_min=metrics["wall_clock_seconds_informational"] / 60,
-        name=name,
-    )
+    common = card_fields_of_every_model(metrics)
     return {
+        **common,
         "disclaimer": CARD_DISCLAIMER,
-        "reproducibility": reproducibility,
+        "reproducibility": CARD_REPRODUCIBILITY.format(**common, name=name),
         "calibration_and_synthetic_only": CARD_CALIBRATION_AND_SYNTHETIC_ONLY,
         "results_table": results_table(t, name, baseline),
         "contribution_table": contribution_table(metrics["contributions_on_reference_patients"]),
@@ -315,10 +319,5 @@ def card_fields(metrics: Mapping[str, Any], name: str, baseline: str) -> dict[st
         "seed_test": d["test"]["generator_seed"],
         "n_ref": metrics["reference"]["patients"],
         "ref_auroc": metrics["reference"]["auroc"],
-        "epochs": hp["epochs"],
-        "batch_size": hp["batch_size"],
-        "lr": hp["lr"],
-        "weight_decay": hp["weight_decay"],
-        "n_params": metrics["n_parameters"],
         "batch_ms": metrics["cpu_seconds_per_64_patients_1_thread_informational"] * 1000,
     }

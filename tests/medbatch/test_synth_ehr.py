@@ -24,6 +24,7 @@ from ingest.ehr.schema import (
     check_wide_row,
     parse_wide_header,
 )
+from medbatch.synth.command import synth_ehr_command
 from medbatch.synth.ehr import (
     BROKEN_KINDS_LONG,
     BROKEN_KINDS_WIDE,
@@ -32,7 +33,6 @@ from medbatch.synth.ehr import (
     SynthStats,
     cvd_probability,
     diabetes_complication_probability,
-    synth_ehr_command,
     synth_patients,
     write_long_csv,
     write_wide_csv,
@@ -207,10 +207,36 @@ def test_synth_ehr_command(tmp_path: Path) -> None:
     stats = synth_ehr_command(tmp_path / "out" / "e.csv", 20, 1, "wide", 0.0)
     assert stats.fmt == "wide" and stats.path.exists() and stats.patients == 20
     assert synth_ehr_command(tmp_path / "l.csv", 20, 1, "long", 0.02).fmt == "long"
-    with pytest.raises(ValueError, match="long or wide"):
+    fhir = synth_ehr_command(tmp_path / "export", 20, 1, "fhir", 0.02)
+    assert fhir.fmt == "fhir" and (fhir.path / "manifest.json").is_file()
+    with pytest.raises(ValueError, match="long, wide or fhir"):
         synth_ehr_command(tmp_path / "z.csv", 20, 1, "parquet", 0.0)
     with pytest.raises(ValueError, match="messiness"):
         synth_ehr_command(tmp_path / "z.csv", 20, 1, "long", 1.5)
+
+
+def test_the_fhir_export_is_the_same_cohort_byte_for_byte(tmp_path: Path) -> None:
+    from medbatch.synth.ehr_fhir import write_fhir_export
+
+    a = write_fhir_export(tmp_path / "a", 60, 5, messiness=0.05, compress=True)
+    b = write_fhir_export(tmp_path / "b", 60, 5, messiness=0.05, compress=True)
+    long = write_long_csv(tmp_path / "l.csv", 60, 5)
+    for name in (*a.files, "manifest.json"):
+        assert (a.path / name).read_bytes() == (b.path / name).read_bytes(), name
+    assert a.truth_path.read_bytes() == long.truth_path.read_bytes()  # same patients, same truth
+    assert a.rows == 60 + a.observations and a.broken_rows > 0
+    assert (
+        a.valid_rows + a.broken_rows + sum(a.skipped.values()) + sum(a.unknown_codes.values())
+        == a.observations
+    )
+    assert set(a.broken) == {
+        "missing_id",
+        "invalid_json",
+        "missing_value",
+        "unparseable_time",
+        "impossible_value",
+        "unknown_unit",
+    }
 
 
 _BIG = """

@@ -20,6 +20,7 @@ import torch
 
 from medbatch.training.ehr import load_cohort
 from tests.triton_models.python_backend import cpu_model, load_module
+from triton_torch_adapter.model_files import load_weights
 
 CPU = torch.device("cpu")
 MODELS_DIR = Path(__file__).resolve().parents[2] / "triton_models"
@@ -59,7 +60,7 @@ def fixtures(name: str) -> tuple[Any, ...]:
 
     @pytest.fixture(scope="module", name="payload")
     def payload() -> Any:
-        return torch.load(version_dir / "weights.pt", map_location="cpu", weights_only=True)
+        return load_weights(version_dir)
 
     @pytest.fixture(scope="module", name="model")
     def model(network: Any, payload: Any) -> Any:

@@ -7,7 +7,6 @@ through DLPack both ways, as the models do against the real stub.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -20,15 +19,15 @@ import numpy as np
 import pytest
 import torch
 
+from triton_torch_adapter import model_files
+
+#: The adapter module that imports ``triton_python_backend_utils``; re-imported under the stand-in.
+SERVING = "triton_torch_adapter.serving"
+
 
 def load_module(name: str, path: Path) -> types.ModuleType:
     """Import ``path`` as module ``name`` (registered, so dataclasses and pickling work)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return model_files.load_module(path, name)
 
 
 class Tensor:
@@ -72,29 +71,48 @@ class Request:
         self.inputs = {n: Tensor(n, a) for n, a in arrays.items()}
 
 
-@contextmanager
-def cpu_model(model_dir: Path, module_name: str) -> Iterator[Any]:
-    """``model_dir``/1/model.py initialised as a one-thread CPU instance; finalised after."""
+def pb_utils() -> types.ModuleType:
+    """A stand-in ``triton_python_backend_utils`` module."""
     fake = types.ModuleType("triton_python_backend_utils")
     fake.Tensor = Tensor  # type: ignore[attr-defined]
     fake.TritonError = TritonError  # type: ignore[attr-defined]
     fake.InferenceResponse = Response  # type: ignore[attr-defined]
     fake.TritonModelException = RuntimeError  # type: ignore[attr-defined]
     fake.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)  # type: ignore[attr-defined]
-    threads = torch.get_num_threads()
+    return fake
+
+
+@contextmanager
+def stand_in_backend() -> Iterator[None]:
+    """``triton_python_backend_utils`` is the stand-in while the context lasts (and the adapter,
+    which imports it, is imported afresh against it)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "triton_python_backend_utils", fake)
+        mp.setitem(sys.modules, "triton_python_backend_utils", pb_utils())
+        mp.delitem(sys.modules, SERVING, raising=False)
+        yield
+        mp.delitem(sys.modules, SERVING, raising=False)
+
+
+def initialize_args(model_dir: Path, kind: str = "CPU") -> dict[str, str]:
+    """What Triton passes to ``initialize`` for instance 0 of version 1 (``cpu_threads`` 1)."""
+    return {
+        "model_name": model_dir.name,
+        "model_config": json.dumps({"parameters": {"cpu_threads": {"string_value": "1"}}}),
+        "model_repository": str(model_dir),
+        "model_version": "1",
+        "model_instance_kind": kind,
+        "model_instance_device_id": "0",
+    }
+
+
+@contextmanager
+def cpu_model(model_dir: Path, module_name: str) -> Iterator[Any]:
+    """``model_dir``/1/model.py initialised as a one-thread CPU instance; finalised after."""
+    threads = torch.get_num_threads()
+    with stand_in_backend():
         module = load_module(module_name, model_dir / "1" / "model.py")
         model = module.TritonPythonModel()
-        model.initialize(
-            {
-                "model_config": json.dumps({"parameters": {"cpu_threads": {"string_value": "1"}}}),
-                "model_repository": str(model_dir),
-                "model_version": "1",
-                "model_instance_kind": "CPU",
-                "model_instance_device_id": "0",
-            }
-        )
+        model.initialize(initialize_args(model_dir))
         try:
             yield model
         finally:

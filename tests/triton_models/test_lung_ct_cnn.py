@@ -19,6 +19,7 @@ from tests.triton_models.python_backend import (
     cpu_model,
     load_module,
 )
+from triton_torch_adapter.model_files import load_weights, state_dict_sha256
 from workers.dicom import preprocess
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "triton_models" / "lung_ct_cnn"
@@ -38,7 +39,7 @@ def train_module():
 
 @pytest.fixture(scope="module")
 def payload():
-    return torch.load(VERSION_DIR / "weights.pt", map_location="cpu", weights_only=True)
+    return load_weights(VERSION_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_constants_match_preprocessing(network):
 def test_weights_payload_hash_and_size(network, payload, metrics):
     assert tuple(payload["grid"]) == network.GRID
     assert payload["synthetic_data_only"] is True
-    sha = network.state_dict_sha256(payload["state_dict"])
+    sha = state_dict_sha256(payload["state_dict"])
     assert sha == payload["state_dict_sha256"] == metrics["state_dict_sha256"]
     assert (VERSION_DIR / "weights.pt").stat().st_size < 5 * 1024 * 1024
 

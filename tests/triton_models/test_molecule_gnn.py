@@ -16,6 +16,7 @@ from tests.triton_models.python_backend import (
     cpu_model,
     load_module,
 )
+from triton_torch_adapter.model_files import load_weights, state_dict_sha256
 
 pytest.importorskip("torch_geometric")
 
@@ -53,7 +54,7 @@ def network():
 @pytest.fixture(scope="module")
 def served(network):
     """(model, mean, std) from the committed weights, as the Triton model builds them."""
-    payload = torch.load(VERSION_DIR / "weights.pt", map_location="cpu", weights_only=True)
+    payload = load_weights(VERSION_DIR)
     model = network.build_from_payload(payload)
     return model, float(payload["target_mean"]), float(payload["target_std"]), payload
 
@@ -77,7 +78,7 @@ def test_weights_record_vocab_and_hash(network, served):
     assert tuple(payload["atom_vocab"]) == network.ATOM_VOCAB
     assert tuple(payload["bond_vocab"]) == network.BOND_VOCAB
     metrics = json.loads((MODEL_DIR / "metrics.json").read_text())
-    sha = network.state_dict_sha256(payload["state_dict"])
+    sha = state_dict_sha256(payload["state_dict"])
     assert sha == payload["state_dict_sha256"] == metrics["state_dict_sha256"]
     assert (VERSION_DIR / "weights.pt").stat().st_size < 3 * 1024 * 1024
 

@@ -18,31 +18,24 @@ validation patients. Baseline: scikit-learn logistic regression on the latest pr
 the AUROC of the true generating probability.
 
 Writes ``1/weights.pt``, ``metrics.json`` and ``MODEL_CARD.md`` next to this file, bit-identical on
-every rerun (``medbatch.training.run``, shared with the other EHR model).
+every rerun (``medbatch.training.run``, shared with the other models).
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from ingest.ehr.schema import model_schema  # noqa: E402
-from medbatch.training import ehr, run  # noqa: E402
-from workers.ehr.features import latest_profile  # noqa: E402
+from ingest.ehr.schema import model_schema
+from medbatch.training import ehr, run
+from workers.ehr.features import latest_profile
 
 NAME = "cvd_autoencoder"
 #: The truth sidecar's columns ``<OUTCOME>_label`` and ``<OUTCOME>_prob``.
 OUTCOME = "cvd"
-FILES = run.ModelFiles(HERE)
+FILES = run.ModelFiles.beside(__file__)
 SEED = 20240918
 #: Generator seed of each split (the synthetic patients of different seeds are independent).
 SPLIT_SEEDS = {"train": 6_100, "val": 6_200, "test": 6_300}
@@ -77,7 +70,7 @@ IMPLAUSIBLE_PROFILES: dict[str, list[float]] = {
     ],
 }
 
-network = run.load_network_module(NAME, FILES.version_dir)
+network = FILES.load_network()
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -188,12 +181,7 @@ def model_card(metrics: dict) -> str:
         p90=pct["90"],
         p99=pct["99"],
         p999=pct["99.9"],
-        latent=hp["latent"],
-        width=hp["width"],
         half=hp["width"] // 2,
-        head=hp["head"],
-        denoise=hp["denoise"],
-        recon_weight=hp["recon_weight"],
     )
 
 
@@ -324,7 +312,7 @@ older, rounded by the extract, some lost to broken rows).
 
 # --------------------------------------------------------------------------------------- main
 def main() -> None:
-    parser = run.base_parser(__doc__, train=60_000, val=20_000, test=20_000, epochs=20)
+    parser = run.base_parser(__doc__, splits=(60_000, 20_000, 20_000), epochs=20)
     parser.add_argument("--latent", type=int, default=6)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--head", type=int, default=16)
@@ -418,7 +406,7 @@ def main() -> None:
         "ood": ood,
         "reference": reference,
         "contributions_on_reference_patients": ref.contributions(network.VARIABLES),
-        **run.model_record(model, network, norm, history, hyper),
+        **run.model_record(model, norm, history, hyper),
         "data": splits.summaries(summary),
         "environment": run.environment(),
         **run.timings(batch_s, 5, t_data, t_train),

@@ -18,38 +18,31 @@ used to report progress. Baseline: scikit-learn logistic regression on the mean 
 observed value of each variable. Ceiling: the AUROC of the true generating probability.
 
 Writes ``1/weights.pt``, ``metrics.json`` and ``MODEL_CARD.md`` next to this file, bit-identical on
-every rerun (``medbatch.training.run``, shared with the other EHR model).
+every rerun (``medbatch.training.run``, shared with the other models).
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from ingest.ehr.schema import model_schema  # noqa: E402
-from medbatch.training import ehr, run  # noqa: E402
-from workers.ehr.features import stack_sequences, visit_sequence  # noqa: E402
+from ingest.ehr.schema import model_schema
+from medbatch.training import ehr, run
+from workers.ehr.features import stack_sequences, visit_sequence
 
 NAME = "diabetes_lstm_attention"
 #: The truth sidecar's columns ``<OUTCOME>_label`` and ``<OUTCOME>_prob``.
 OUTCOME = "diabetes_complication"
-FILES = run.ModelFiles(HERE)
+FILES = run.ModelFiles.beside(__file__)
 SEED = 20240917
 #: Generator seed of each split (the synthetic patients of different seeds are independent).
 SPLIT_SEEDS = {"train": 5_100, "val": 5_200, "test": 5_300}
 CPU = torch.device("cpu")
 BASELINE = "logistic regression on mean + last value per variable"
 
-network = run.load_network_module(NAME, FILES.version_dir)
+network = FILES.load_network()
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -151,14 +144,9 @@ def baseline_features(inputs: dict[str, np.ndarray]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- model card
 def model_card(metrics: dict) -> str:
-    hp = metrics["hyperparameters"]
     return MODEL_CARD_TEMPLATE.format(
         **ehr.card_fields(metrics, NAME, BASELINE),
         visits_train=metrics["data"]["train"]["visits_min_median_max"],
-        hidden=hp["hidden"],
-        attention=hp["attention"],
-        head=hp["head"],
-        variable_dropout=hp["variable_dropout"],
     )
 
 
@@ -275,7 +263,7 @@ of the visits), which is what the mechanism uses beyond the means.
 
 # --------------------------------------------------------------------------------------- main
 def main() -> None:
-    parser = run.base_parser(__doc__, train=100_000, val=10_000, test=20_000, epochs=12)
+    parser = run.base_parser(__doc__, splits=(100_000, 10_000, 20_000), epochs=12)
     parser.add_argument("--hidden", type=int, default=48)
     parser.add_argument("--attention", type=int, default=32)
     parser.add_argument("--head", type=int, default=32)
@@ -333,7 +321,7 @@ def main() -> None:
         "each variable over the visits, fitted on the training patients",
         "reference": reference,
         "contributions_on_reference_patients": ref.contributions(network.VARIABLES),
-        **run.model_record(model, network, norm, history, hyper),
+        **run.model_record(model, norm, history, hyper),
         "data": splits.summaries(summary),
         "environment": run.environment(),
         **run.timings(batch_s, 4, t_data, t_train),

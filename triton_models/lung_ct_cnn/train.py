@@ -20,59 +20,34 @@ features of the same grids (soft-tissue and ground-glass voxel counts inside a l
 Writes ``1/weights.pt``, ``metrics.json`` and ``MODEL_CARD.md`` next to this file. Two runs give
 bit-identical weights (fixed seeds, deterministic algorithms, one torch thread, fixed data
 order; the volumes are generated in worker processes but collected in seed order);
-``metrics.json`` records the SHA-256 of the state dict tensors. Nothing else is cached.
+``metrics.json`` records the SHA-256 of the state dict tensors. Nothing else is cached. The
+run itself (seeding, optimiser, timing, writing) is ``medbatch.training.run``, shared with the
+other models.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
-import json
 import math
 import multiprocessing
-import platform
-import random
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from medbatch.synth.lung_ct import LESION_DIAMETER_MM, synth_volume
+from medbatch.training import run
+from workers.dicom.preprocess import GRID, WINDOW_CENTER_HU, WINDOW_WIDTH_HU, model_input
 
-from medbatch.synth.lung_ct import LESION_DIAMETER_MM, synth_volume  # noqa: E402
-from workers.dicom.preprocess import (  # noqa: E402
-    GRID,
-    WINDOW_CENTER_HU,
-    WINDOW_WIDTH_HU,
-    model_input,
-)
-
-VERSION_DIR = HERE / "1"
-WEIGHTS_PATH = VERSION_DIR / "weights.pt"
-METRICS_PATH = HERE / "metrics.json"
-MODEL_CARD_PATH = HERE / "MODEL_CARD.md"
+FILES = run.ModelFiles.beside(__file__)
 SEED = 20240611
 #: First seed of each split; the splits are [start, start + n) and never overlap.
 SPLIT_SEEDS = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}
 #: Grid pixels per cell of the encoder's lesion map (stride 8: 128 → 16 cells).
 CELL_PX = 8
+CPU = torch.device("cpu")
 
-
-def load_network_module():
-    """``1/network.py`` loaded by path, exactly as the Triton model does."""
-    spec = importlib.util.spec_from_file_location("lung_ct_cnn_network", VERSION_DIR / "network.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-network = load_network_module()
+network = FILES.load_network()
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -344,47 +319,29 @@ def crop_batch(
 
 def train_encoder(model, train: Split, args: argparse.Namespace) -> list[float]:
     """Dense lesion-map + slice-max BCE on crops (the encoder is fully convolutional, so it is
-    trained on crops and served on whole slices)."""
+    trained on crops and served on whole slices); the mean loss of every 250 steps."""
     rng = np.random.RandomState(SEED)
     neg_weights = negative_cell_weights(train.grids)
     pos = np.argwhere(train.slice_labels)
     neg = np.argwhere(~train.slice_labels)
     n_pos = round(args.batch_size * args.positive_fraction)
     n_neg = args.batch_size - n_pos
-    opt = torch.optim.AdamW(model.encoder.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1
-    )
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     pos_weight = torch.tensor(args.map_pos_weight)
-    model.train()
-    losses, running = [], 0.0
-    t0 = time.perf_counter()
-    for step in range(args.steps):
+
+    def loss_at(_: int) -> torch.Tensor:
         pairs = np.concatenate(
             [pos[rng.randint(len(pos), size=n_pos)], neg[rng.randint(len(neg), size=n_neg)]]
         )
         x, cells = crop_batch(train, neg_weights, pairs, n_pos, args.crop_cells, rng)
         cells = cells.float()
         maps = model.encoder(x)
-        loss = bce(maps.amax(dim=(1, 2)), cells.amax(dim=(1, 2))) + args.map_weight * bce(
+        return bce(maps.amax(dim=(1, 2)), cells.amax(dim=(1, 2))) + args.map_weight * bce(
             maps, cells, pos_weight=pos_weight
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running += float(loss.detach())
-        if (step + 1) % 250 == 0:
-            losses.append(round(running / 250, 5))
-            running = 0.0
-            rate = (step + 1) * args.batch_size / (time.perf_counter() - t0)
-            print(
-                f"step {step + 1}/{args.steps} loss {losses[-1]:.4f} ({rate:.0f} crops/s)",
-                flush=True,
-            )
-    model.eval()
-    return losses
+
+    params = model.encoder.parameters()
+    return run.train_steps(model, params, args, loss_at, pct_start=0.1, unit="crops")
 
 
 def slice_logits(model, split: Split, batch: int = 4) -> torch.Tensor:
@@ -502,19 +459,8 @@ def run_baseline(train: Split, test: Split) -> tuple[dict, dict]:
     return study, {"auroc": round(float(slice_auc), 6)}
 
 
-def time_one_study(model, volume: torch.Tensor, repeats: int = 5) -> float:
-    """Median seconds of one [1, 64, 128, 128] study through ``network.predict`` (1 thread)."""
-    network.predict(model, volume, torch.device("cpu"))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        network.predict(model, volume, torch.device("cpu"))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 # ---------------------------------------------------------------------------------- model card
-def write_model_card(metrics: dict) -> None:
+def model_card(metrics: dict) -> str:
     t, b, hp, d = metrics["test"], metrics["baseline"], metrics["hyperparameters"], metrics["data"]
     size_rows = []
     for band, m in t["study"]["auroc_by_largest_lesion"].items():
@@ -534,7 +480,8 @@ def write_model_card(metrics: dict) -> None:
         f"| {bs['auroc']:.3f} | {bs['brier']:.3f} | {bs['sensitivity_at_0.5']:.3f} "
         f"| {bs['specificity_at_0.5']:.3f} | {b['slice']['auroc']:.3f} |",
     ]
-    text = MODEL_CARD_TEMPLATE.format(
+    return MODEL_CARD_TEMPLATE.format(
+        **run.card_fields(metrics),
         results_table="\n".join(results),
         n_train=d["train"]["volumes"],
         n_val=d["val"]["volumes"],
@@ -547,30 +494,14 @@ def write_model_card(metrics: dict) -> None:
         seeds_train=d["train"]["seeds"],
         seeds_val=d["val"]["seeds"],
         seeds_test=d["test"]["seeds"],
-        min_slices=hp["min_slices"],
-        max_slices=hp["max_slices"],
         size_table="\n".join(size_rows),
-        widths=hp["widths"],
-        head=hp["head"],
-        steps=hp["steps"],
-        batch_size=hp["batch_size"],
-        pos_frac=hp["positive_fraction"],
-        lr=hp["lr"],
-        weight_decay=hp["weight_decay"],
-        n_params=metrics["n_parameters"],
         tau=cal["tau"],
-        state_sha=metrics["state_dict_sha256"],
-        weights_bytes=metrics["weights_bytes"],
-        torch_version=metrics["environment"]["torch"],
-        numpy_version=metrics["environment"]["numpy"],
         infer_ms=metrics["cpu_seconds_per_study_1_thread_informational"] * 1000,
-        wall_min=metrics["wall_clock_seconds_informational"] / 60,
+        pos_frac=hp["positive_fraction"],
         crop_px=hp["crop_cells"] * CELL_PX,
-        map_pos_weight=hp["map_pos_weight"],
         lesion_lo=LESION_DIAMETER_MM[0],
         lesion_hi=LESION_DIAMETER_MM[1],
     )
-    MODEL_CARD_PATH.write_text(text)
 
 
 MODEL_CARD_TEMPLATE = """\
@@ -659,7 +590,7 @@ been checked for syntax, not run on a GPU).
   logits (L-BFGS).
 * Deterministic: fixed seeds, `torch.use_deterministic_algorithms(True)`, one torch thread,
   volumes collected in seed order. Two runs give identical tensors; state-dict SHA-256
-  (`network.state_dict_sha256`): `{state_sha}`.
+  (`triton_torch_adapter.model_files.state_dict_sha256`): `{state_sha}`.
 * `1/weights.pt`: {weights_bytes} bytes (state dict, hyperparameters, grid and window, metrics).
 * Built with torch {torch_version}, numpy {numpy_version}; about {wall_min:.0f} minutes on 2 CPU
   cores (volume generation in 2 processes, training on 1 thread).
@@ -704,34 +635,60 @@ per band, so these numbers are noisy):
 
 
 # --------------------------------------------------------------------------------------- main
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train", type=int, default=400, help="training volumes")
-    parser.add_argument("--val", type=int, default=100, help="validation volumes")
-    parser.add_argument("--test", type=int, default=150, help="test volumes")
+def parse_args() -> argparse.Namespace:
+    parser = run.base_parser(__doc__, splits=(400, 100, 150), unit="volumes", batch_size=64)
     parser.add_argument("--min-slices", type=int, default=40)
     parser.add_argument("--max-slices", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--positive-fraction", type=float, default=0.4)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--widths", type=int, nargs=4, default=[16, 32, 48, 64])
     parser.add_argument("--head", type=int, default=32)
     parser.add_argument("--crop-cells", type=int, default=6, help="crop side in 8-px cells")
     parser.add_argument("--map-weight", type=float, default=1.0)
     parser.add_argument("--map-pos-weight", type=float, default=2.0)
     parser.add_argument("--workers", type=int, default=2, help="volume generator processes")
-    parser.add_argument("--dry-run", action="store_true", help="train and report, write nothing")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def evaluate(model, test: Split) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The test metrics of the calibrated model, and its study and slice probabilities."""
+    from sklearn.metrics import roc_auc_score
+
+    with torch.inference_mode():
+        study_p, slice_p, _ = model.pool(slice_logits(model, test))
+    study_p, slice_p = study_p.numpy(), slice_p.numpy()
+    study = binary_metrics(test.labels, study_p)
+    study["auroc_by_largest_lesion"] = auroc_by_size(test.labels, study_p, test.max_diameter)
+    results = {
+        "study": study,
+        "slice": {
+            "auroc": round(float(roc_auc_score(test.slice_labels.ravel(), slice_p.ravel())), 6)
+        },
+        "study_max_slice_score": {
+            "auroc": round(float(roc_auc_score(test.labels, slice_p.max(axis=1))), 6)
+        },
+    }
+    return results, study_p, slice_p
+
+
+def reference_predictions(test: Split, study_p: np.ndarray, slice_p: np.ndarray) -> list[dict]:
+    """The first test volumes, re-scored by tests/triton_models/test_lung_ct_cnn.py."""
+    return [
+        {
+            "seed": int(test.seeds[i]),
+            "n_slices": int(test.n_slices[i]),
+            "label": int(test.labels[i]),
+            "study_prob": round(float(study_p[i]), 6),
+            "slice_scores_sum": round(float(slice_p[i].sum()), 6),
+        }
+        for i in range(6)
+    ]
+
+
+def main() -> None:
+    args = parse_args()
     t0 = time.perf_counter()
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-
+    run.seed_everything(SEED)
     train = generate("train", args.train, args)
     val = generate("val", args.val, args)
     test = generate("test", args.test, args)
@@ -743,43 +700,10 @@ def main() -> None:
     losses = train_encoder(model, train, args)
     t_train = time.perf_counter() - t0 - t_data
 
-    val_logits = slice_logits(model, val)
-    calibration = fit_calibration(model, val_logits, val)
-    test_logits = slice_logits(model, test)
-    with torch.inference_mode():
-        study_p, slice_p, _ = model.pool(test_logits)
-    study_p, slice_p = study_p.numpy(), slice_p.numpy()
-    from sklearn.metrics import roc_auc_score
-
-    study = binary_metrics(test.labels, study_p)
-    study["auroc_by_largest_lesion"] = auroc_by_size(test.labels, study_p, test.max_diameter)
-    metrics_test = {
-        "study": study,
-        "slice": {
-            "auroc": round(float(roc_auc_score(test.slice_labels.ravel(), slice_p.ravel())), 6)
-        },
-        "study_max_slice_score": {
-            "auroc": round(float(roc_auc_score(test.labels, slice_p.max(axis=1))), 6)
-        },
-    }
+    calibration = fit_calibration(model, slice_logits(model, val), val)
+    results, study_p, slice_p = evaluate(model, test)
     base_study, base_slice = run_baseline(train, test)
-    reference = [  # the first test volumes, re-scored by tests/triton_models/test_lung_ct_cnn.py
-        {
-            "seed": int(test.seeds[i]),
-            "n_slices": int(test.n_slices[i]),
-            "label": int(test.labels[i]),
-            "study_prob": round(float(study_p[i]), 6),
-            "slice_scores_sum": round(float(slice_p[i].sum()), 6),
-        }
-        for i in range(6)
-    ]
-    per_study_s = time_one_study(model, test.grids[:1])
-
-    state_dict = model.state_dict()
-    state_sha = network.state_dict_sha256(state_dict)
-    n_params = sum(p.numel() for p in model.parameters())
-    import sklearn
-
+    per_study_s = run.time_batch(network.predict, model, [test.grids[:1]])
     hyper = {
         **hp,
         "steps": args.steps,
@@ -794,9 +718,8 @@ def main() -> None:
         "max_slices": args.max_slices,
         "seed": SEED,
     }
-    data_info = {"train": train.summary(), "val": val.summary(), "test": test.summary()}
     metrics = {
-        "test": metrics_test,
+        "test": results,
         "baseline": {
             "description": "logistic regression on hand-made lung soft-tissue features "
             "(train.baseline_features), fitted on the training volumes",
@@ -804,52 +727,27 @@ def main() -> None:
             "slice": base_slice,
         },
         "calibration": calibration,
-        "reference_predictions": reference,
+        "reference_predictions": reference_predictions(test, study_p, slice_p),
         "train_loss_per_250_steps": losses,
         "hyperparameters": hyper,
-        "n_parameters": n_params,
-        "state_dict_sha256": state_sha,
-        "data": data_info,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "sklearn": sklearn.__version__,
-            "numpy": np.__version__,
-        },
-        "cpu_seconds_per_study_1_thread_informational": round(per_study_s, 4),
-        "data_seconds_informational": round(t_data, 1),
-        "train_seconds_informational": round(t_train, 1),
+        **run.size_and_hash(model),
+        "data": {"train": train.summary(), "val": val.summary(), "test": test.summary()},
+        "environment": run.environment(),
+        **run.timings(per_study_s, 4, t_data, t_train, per="study"),
     }
-    print(json.dumps({"test": metrics_test, "baseline": metrics["baseline"]}, indent=1))
-    print(
-        f"state dict sha256 {state_sha}; {n_params} parameters; data {t_data:.0f} s, "
-        f"training {t_train:.0f} s; {per_study_s * 1000:.0f} ms per study"
-    )
-    if args.dry_run:
-        return
-
     payload = {
-        "state_dict": state_dict,
+        "state_dict": model.state_dict(),
         "network_kwargs": hp,
         "grid": list(GRID),
         "window": [WINDOW_CENTER_HU, WINDOW_WIDTH_HU],
         "hyperparameters": hyper,
         "calibration": calibration,
-        "state_dict_sha256": state_sha,
-        "metrics": {"test": metrics_test},
+        "state_dict_sha256": metrics["state_dict_sha256"],
+        "metrics": {"test": results},
         "synthetic_data_only": True,
     }
-    torch.save(payload, WEIGHTS_PATH)
-    metrics["weights_bytes"] = WEIGHTS_PATH.stat().st_size
-    metrics["weights_file_sha256"] = hashlib.sha256(WEIGHTS_PATH.read_bytes()).hexdigest()
-    metrics["wall_clock_seconds_informational"] = round(time.perf_counter() - t0, 1)
-    METRICS_PATH.write_text(json.dumps(metrics, indent=2) + "\n")
-    write_model_card(metrics)
-    print(
-        f"wrote {WEIGHTS_PATH} ({metrics['weights_bytes']} bytes), {METRICS_PATH}, "
-        f"{MODEL_CARD_PATH}"
-    )
-    print(f"total {metrics['wall_clock_seconds_informational']} s")
+    shown = {"test": results, "baseline": metrics["baseline"]}
+    run.finish(metrics, payload, shown, args.dry_run, FILES, model_card, t0)
 
 
 if __name__ == "__main__":

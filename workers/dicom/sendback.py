@@ -1,4 +1,5 @@
-"""C-STORE our result objects to the configured destination AE (the PACS)."""
+"""Our result objects back to the PACS: C-STORE to the destination AE, or STOW-RS to a DICOMweb
+destination (``dicomweb:<service root>``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+import requests
 from pynetdicom import AE
 
 from core.errors import ConfigurationError, DicomDestinationUnavailableError, DicomSendError
@@ -60,3 +62,54 @@ def send_files(destination: Destination, calling_ae: str, paths: list[Path]) -> 
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+DICOMWEB = "dicomweb:"
+
+
+@dataclass(frozen=True)
+class WebDestination:
+    """A DICOMweb service root that takes STOW-RS, with a bearer token or basic credentials."""
+
+    url: str
+    token: str = ""
+    user: str = ""
+    password: str = ""
+
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        if self.token:
+            session.headers["Authorization"] = f"Bearer {self.token}"
+        elif self.user:
+            session.auth = (self.user, self.password)
+        return session
+
+
+def send_dicomweb(destination: WebDestination, paths: list[Path]) -> None:
+    """STOW-RS the files in one request; raises :class:`DicomDestinationUnavailableError` while
+    the destination cannot be reached or answers 5xx (the send waits), :class:`DicomSendError`
+    when it refuses them."""
+    from dicomweb_client.api import DICOMwebClient
+
+    datasets = [pydicom.dcmread(p) for p in paths]
+    client = DICOMwebClient(destination.url, session=destination.session())
+    try:
+        response = client.store_instances(datasets)
+    except requests.ConnectionError as exc:
+        raise DicomDestinationUnavailableError(
+            f"DICOMweb destination {destination.url} unreachable ({type(exc).__name__})"
+        ) from exc
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        error = DicomDestinationUnavailableError if status >= 500 else DicomSendError
+        raise error(
+            f"DICOMweb destination {destination.url} answered HTTP {status} to STOW-RS; "
+            "check MEDBATCH_DICOMWEB_DESTINATION and its credentials"
+        ) from exc
+    failed = response.get("FailedSOPSequence", [])
+    if failed:
+        reasons = ", ".join(f"0x{int(item.FailureReason):04X}" for item in failed)
+        raise DicomSendError(
+            f"DICOMweb destination {destination.url} refused {len(failed)} of {len(datasets)} "
+            f"objects (FailureReason {reasons})"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,9 @@ from core.settings import Settings
 from db import audit
 from db.insert_ignore import insert_ignore
 from db.jobs import transition
-from db.models import DicomInstance, DicomResult, Job, JobState, utcnow
+from db.models import DicomInstance, DicomOutput, DicomResult, Job, JobState, utcnow
 from db.session import session_scope
-from ingest.dicom.store import write_atomic
+from ingest.dicom.files import write_atomic
 from workers.dicom.outputs import (
     LungCtResult,
     build_key_slice_image,
@@ -38,7 +39,13 @@ from workers.dicom.outputs import (
     most_suspicious_index,
 )
 from workers.dicom.preprocess import model_input, source_slice_scores
-from workers.dicom.sendback import Destination, send_files
+from workers.dicom.sendback import (
+    DICOMWEB,
+    Destination,
+    WebDestination,
+    send_dicomweb,
+    send_files,
+)
 from workers.dicom.series import (
     NotApplicable,
     choose_series,
@@ -106,10 +113,24 @@ def score_study(self: Task, job_id: int, settings: Settings) -> str:
         slice_headers, slice_hu(chosen.slices[top].path), result, series_number=SC_SERIES_NUMBER
     )
     out_dir = results_dir(settings, study_id, version)
+    produced: list[Produced] = []
     for name, ds in (("sr.dcm", sr), ("sc.dcm", sc)):
-        write_atomic(out_dir / name, _encode(ds))
+        encoded = _encode(ds)
+        write_atomic(out_dir / name, encoded)
+        produced.append(Produced(out_dir / name, ds, len(encoded)))
 
-    return _store_result(job, settings, chosen.series_uid, result, slice_headers, top, out_dir)
+    return _store_result(
+        job, settings, chosen.series_uid, result, slice_headers, top, out_dir, produced
+    )
+
+
+@dataclass(frozen=True)
+class Produced:
+    """A DICOM object written for a result (registered for DICOMweb search and retrieval)."""
+
+    path: Path
+    dataset: pydicom.Dataset
+    size_bytes: int
 
 
 def _encode(ds: pydicom.Dataset) -> bytes:
@@ -126,6 +147,7 @@ def _store_result(
     slice_headers: list[pydicom.Dataset],
     top: int,
     out_dir: Path,
+    produced: list[Produced],
 ) -> str:
     study_id, version = int(job.params["study_id"]), int(job.params["version"])
     actor = audit.current_actor("worker")
@@ -164,6 +186,26 @@ def _store_result(
                 DicomResult.model_name == result.model_name,
             )
         )
+        insert_ignore(
+            session,
+            DicomOutput,
+            [
+                {
+                    "study_id": study_id,
+                    "result_id": result_id,
+                    "series_uid": str(p.dataset.SeriesInstanceUID),
+                    "sop_instance_uid": str(p.dataset.SOPInstanceUID),
+                    "sop_class_uid": str(p.dataset.SOPClassUID),
+                    "modality": str(p.dataset.Modality),
+                    "series_number": int(p.dataset.SeriesNumber),
+                    "path": str(p.path.relative_to(settings.storage_dir)),
+                    "size_bytes": p.size_bytes,
+                    "created_at": utcnow(),
+                }
+                for p in produced
+            ],
+            ("sop_instance_uid",),
+        )
         transition(
             session,
             job.job_id,
@@ -177,13 +219,18 @@ def _store_result(
             },
             details={"action": "dicom.result", "result_id": result_id},
         )
-        if settings.dicom_destination:
+        destination = (
+            DICOMWEB + settings.dicomweb_destination
+            if settings.dicomweb_destination
+            else settings.dicom_destination
+        )
+        if destination:
             sender = Job(
                 kind=JobKind.DICOM_SEND.value,
                 parent_id=None,
                 source=f"dicom-result:{result_id}",
-                idempotency_key=f"dicom-send:{result_id}:{settings.dicom_destination}",
-                params={"result_id": result_id, "destination": settings.dicom_destination},
+                idempotency_key=f"dicom-send:{result_id}:{destination}"[:128],
+                params={"result_id": result_id, "destination": destination},
                 item_count=2,
             )
             session.add(sender)
@@ -201,24 +248,39 @@ def _store_result(
 
 @job_task(JobKind.DICOM_SEND)
 def send_result(self: Task, job_id: int, settings: Settings) -> str:
-    """C-STORE a result's SR and key image to the destination AE; waits while it is down."""
+    """Send a result's SR and key image to the destination (C-STORE to an AE, or STOW-RS to
+    a DICOMweb service); waits while it is down."""
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job
     with session_scope(settings.database_url) as session:
         row = session.get(DicomResult, int(job.params["result_id"]))
         paths = [settings.storage_dir / p for p in (row.sr_path, row.sc_path) if p] if row else []
-    destination = Destination.parse(str(job.params["destination"]))
+    target = str(job.params["destination"])
     try:
-        send_files(destination, settings.dicom_ae_title, paths)
+        if target.startswith(DICOMWEB):
+            name, setting = target.removeprefix(DICOMWEB), "MEDBATCH_DICOMWEB_DESTINATION"
+            send_dicomweb(
+                WebDestination(
+                    name,
+                    token=settings.dicomweb_destination_token,
+                    user=settings.dicomweb_destination_user,
+                    password=settings.dicomweb_destination_password,
+                ),
+                paths,
+            )
+        else:
+            destination = Destination.parse(target)
+            name, setting = destination.ae_title, "MEDBATCH_DICOM_DESTINATION"
+            send_files(destination, settings.dicom_ae_title, paths)
     except DicomDestinationUnavailableError as exc:
         return wait_or_fail(
             self,
             job,
             settings,
             exc,
-            what=f"destination {destination.ae_title}",
-            remedy="Check the PACS and MEDBATCH_DICOM_DESTINATION, then `medbatch retry`.",
+            what=f"destination {name}",
+            remedy=f"Check the PACS and {setting}, then `medbatch retry`.",
         )
     except DicomSendError as exc:
         close(job, JobState.FAILED, settings, error=str(exc))
@@ -227,6 +289,6 @@ def send_result(self: Task, job_id: int, settings: Settings) -> str:
         job,
         JobState.DONE,
         settings,
-        summary={"sent": len(paths), "to": destination.ae_title},
+        summary={"sent": len(paths), "to": name},
     )
     return "done"

@@ -27,6 +27,7 @@ from db.insert_ignore import insert_ignore
 from db.jobs import finish_parent_if_complete, transition
 from db.models import Job, JobState, Rejection, utcnow
 from db.session import session_scope
+from ingest.ehr.fhir_export import fingerprint
 from ingest.ehr.reader import LongBlock, read_extract
 from ingest.ehr.spill import Bucket, BucketSpill, bucket_count
 from workers.dispatch import publish
@@ -49,18 +50,33 @@ class _Progress:
         self.bytes_read = 0
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.unknown_codes: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
         self._last = 0.0
 
     def on_bytes(self, n: int) -> None:
         self.bytes_read = n
 
+    def add(self, block: LongBlock) -> None:
+        self.accepted += len(block)
+        self.rejected.update(r.kind for r in block.rejections)
+        self.skipped.update(block.skipped)
+        self.unknown_codes.update(block.unknown_codes)
+        self.counts.update(block.counts)
+
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "bytes_read": self.bytes_read,
             "accepted_rows": self.accepted,
             "rejected_rows": sum(self.rejected.values()),
             "rejected_by_kind": dict(sorted(self.rejected.items())),
         }
+        if self.counts or self.skipped or self.unknown_codes:  # a FHIR export
+            out["skipped"] = dict(sorted(self.skipped.items()))
+            out["unknown_codes"] = _top(self.unknown_codes)
+            out["fhir"] = dict(sorted(self.counts.items()))
+        return out
 
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -73,6 +89,18 @@ class _Progress:
                 .where(Job.id == self.job_id)
                 .values(summary=self.summary(), updated_at=utcnow())
             )
+
+
+_UNKNOWN_CODES_SHOWN = 100
+
+
+def _top(counts: Counter[str]) -> dict[str, int]:
+    """The most frequent codes (a summary stays small whatever an export holds)."""
+    top = dict(counts.most_common(_UNKNOWN_CODES_SHOWN))
+    rest = sum(counts.values()) - sum(top.values())
+    if rest:
+        top[f"(other {len(counts) - len(top)} codes)"] = rest
+    return top
 
 
 def _store_rejections(extract_id: int, block: LongBlock, settings: Settings) -> None:
@@ -106,10 +134,10 @@ def _reject(job: Claim, settings: Settings, error: str, summary: dict[str, Any])
 
 
 def _check_unchanged(path: Path, params: dict[str, Any]) -> str | None:
-    if not path.is_file():
+    """The file (or export folder) is what was submitted: same size, same modification time."""
+    if not (path.is_file() or path.is_dir()):
         return f"{path.name} is no longer at {path.parent}; drop or submit it again"
-    stat = path.stat()
-    if stat.st_size != params["size_bytes"] or stat.st_mtime_ns != params["mtime_ns"]:
+    if fingerprint(path) != (params["size_bytes"], params["mtime_ns"]):
         return (
             f"{path.name} changed after it was submitted (size or modification time differ); "
             "submit the final file again"
@@ -132,7 +160,8 @@ def ingest_extract(self: Task, job_id: int, settings: Settings) -> str:
     reset_peak_rss()
     rss_start = current_rss_mb()
     text_bytes = job.params.get("text_bytes", job.params["size_bytes"])  # gzip: uncompressed
-    n = bucket_count(text_bytes, settings.ehr_bucket_bytes, settings.ehr_max_buckets)
+    basis = job.params.get("bucket_basis_bytes", text_bytes)  # FHIR: its long-CSV equivalent
+    n = bucket_count(basis, settings.ehr_bucket_bytes, settings.ehr_max_buckets)
     spill = BucketSpill(settings.ehr_spool_dir / f"extract-{extract_id}", n)
     started = time.perf_counter()
     try:
@@ -144,8 +173,7 @@ def ingest_extract(self: Task, job_id: int, settings: Settings) -> str:
         )
         for block in blocks:
             spill.add(block)
-            progress.accepted += len(block)
-            progress.rejected.update(r.kind for r in block.rejections)
+            progress.add(block)
             if block.rejections:
                 _store_rejections(extract_id, block, settings)
             progress.tick()
@@ -159,6 +187,11 @@ def ingest_extract(self: Task, job_id: int, settings: Settings) -> str:
         "buckets": len(buckets),
         "seconds": round(seconds, 3),
         "rows_per_s": round((progress.accepted + sum(progress.rejected.values())) / seconds),
+        **(
+            {"resources_per_s": round(progress.counts["resources"] / seconds)}
+            if progress.counts
+            else {}
+        ),
         "rss_start_mb": round(rss_start, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }

@@ -1,12 +1,8 @@
-"""The operator console at ``/`` (pages and their assets ship in the package)."""
+"""The operator console at ``/`` (``medbatch.api.console``: pages, templates and assets that
+ship in the package)."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from fastapi.responses import HTMLResponse
+from medbatch.api.console import mount
 
-
-def mount(app: FastAPI) -> None:
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> str:
-        return "<!doctype html><title>medbatch</title><p>medbatch API: see <a href='docs'>docs</a>"
+__all__ = ["mount"]

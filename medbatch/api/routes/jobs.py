@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from core.job_kinds import JobKind
 from medbatch.api.auth import Admin, Reader, settings_of
+from medbatch.api.security import report_headers
 from medbatch.services import jobs as job_service
 from medbatch.services.jobs import JobState
 from medbatch.services.reports import render_report
@@ -32,12 +33,15 @@ MEDIA_TYPES: dict[str, str] = {
 }
 
 
-def _job(info: job_service.JobInfo) -> dict[str, Any]:
+def _job(info: job_service.JobInfo, progress: job_service.Progress | None = None) -> dict[str, Any]:
     body = asdict(info)
     for key in ("created_at", "updated_at", "queued_at", "started_at", "finished_at"):
         body[key] = body[key].isoformat() if body[key] is not None else None
-    total = sum(info.children.values())
-    finished = sum(n for s, n in info.children.items() if JobState(s).terminal)
+    if progress is not None:  # a list: the children counted for the whole page at once
+        total, finished = progress.children_total, progress.children_finished
+    else:
+        total = sum(info.children.values())
+        finished = sum(n for s, n in info.children.items() if JobState(s).terminal)
     body["progress"] = {"children": total, "finished": finished}
     body["links"] = {
         "self": f"/api/v1/jobs/{info.id}",
@@ -67,7 +71,8 @@ def list_jobs(
         before_id=before,
         top_level=not all_levels,
     )
-    page = [_job(j) for j in found]
+    progress = job_service.progress_of(settings_of(request), [j.id for j in found])
+    page = [_job(j, progress.get(j.id)) for j in found]
     following = None
     if len(found) == limit:
         params = dict(request.query_params) | {"before": str(found[-1].id)}
@@ -120,7 +125,8 @@ def report(
             actor=token.actor,
             patients=patient,
         )
-        return HTMLResponse(page.read_text(encoding="utf-8"))
+        html = page.read_text(encoding="utf-8")
+    return HTMLResponse(html, headers=report_headers(html))
 
 
 @router.post("/{job_id}/retry")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from medbatch.api.auth import Reader, settings_of
-from medbatch.services.studies import StudyInfo, list_studies, show_study
+from medbatch.services.studies import StudyInfo, key_image_png, list_studies, show_study
 
 router = APIRouter(prefix="/api/v1/studies", tags=["studies"])
 
@@ -23,6 +23,8 @@ def _study(info: StudyInfo) -> dict[str, Any]:
 
     body: dict[str, Any] = plain(asdict(info))
     body["links"] = {"self": f"/api/v1/studies/{info.study_uid}"}
+    if info.newest is not None and info.newest.sc_path:
+        body["links"]["key_image"] = f"/api/v1/studies/{info.study_uid}/key-image.png"
     return body
 
 
@@ -42,3 +44,20 @@ def study(request: Request, study_uid: str, token: Reader) -> dict[str, Any]:
     """One study: its series, every result version with per-slice scores, the SR and the
     secondary capture it produced, its scoring jobs."""
     return _study(show_study(settings_of(request), study_uid, actor=token.actor))
+
+
+@router.get(
+    "/{study_uid}/key-image.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "The key slice as PNG."}},
+)
+def key_image(
+    request: Request,
+    study_uid: str,
+    token: Reader,
+    version: Annotated[int | None, Query(ge=1, description="A result version; newest.")] = None,
+) -> Response:
+    """The key-slice secondary capture medbatch made for the study (newest result, or
+    ``version``), as PNG: the image the PACS received."""
+    png = key_image_png(settings_of(request), study_uid, actor=token.actor, version=version)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-store"})

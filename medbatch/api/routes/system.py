@@ -96,7 +96,8 @@ async def sign_in(request: Request, body: SessionRequest) -> JSONResponse:
         body.token.strip(),
         httponly=True,
         samesite="strict",
-        secure=settings.api_tls_cert is not None,
+        # HTTPS here, or at a trusted proxy (X-Forwarded-Proto): the cookie never travels in clear
+        secure=settings.api_tls_cert is not None or request.url.scheme == "https",
         path="/",
     )
     return response

@@ -20,6 +20,7 @@ from db.session import session_scope
 from ingest.ehr.dropfolder import scan_drop_folder
 from ingest.ehr.submit import submit_extract
 from medbatch.synth.ehr import write_long_csv, write_wide_csv
+from medbatch.synth.ehr_fhir import write_fhir_export
 
 
 @pytest.fixture
@@ -129,3 +130,51 @@ def test_a_file_changed_in_place_is_taken_again(settings: Settings) -> None:
         scan_drop_folder(
             settings.model_copy(update={"ehr_drop_dir": drop / "missing"}), lambda i, k: None
         )
+
+
+def _age_tree(path: Path, seconds: float) -> None:
+    for p in [path, *path.rglob("*")]:
+        _age(p, seconds)
+
+
+def test_a_fhir_export_is_one_extract_as_a_folder_or_an_archive(
+    settings: Settings, tmp_path: Path
+) -> None:
+    published: list[int] = []
+    stats = write_fhir_export(tmp_path / "export", 12, seed=4)
+    first = submit_extract(stats.path, settings, lambda i, k: published.append(i))
+    assert not first.existing
+    (extract,) = _jobs(settings, JobKind.EHR_EXTRACT)
+    assert extract.params["format"] == "fhir"
+    assert [f["type"] for f in extract.params["fhir"]["files"]] == ["Patient", "Observation"]
+    assert extract.params["bucket_basis_bytes"] < extract.params["text_bytes"]
+    archive = shutil.make_archive(str(tmp_path / "export-copy"), "zip", stats.path)
+    again = submit_extract(Path(archive), settings, lambda i, k: published.append(i))
+    assert again.existing and again.job_id == first.job_id and len(published) == 1
+
+
+def test_drop_folder_takes_an_export_folder_once_it_has_settled(settings: Settings) -> None:
+    drop = settings.ehr_drop_dir
+    assert drop is not None
+    published: list[int] = []
+    publisher = lambda i, k: published.append(i)  # noqa: E731
+    stats = write_fhir_export(drop / "bulk-2026-11-30", 10, seed=6)  # sidecars beside it
+    (drop / "archive").mkdir()
+    (drop / "archive" / "readme.txt").write_text("old extracts")
+    _age_tree(drop, 60)
+    (stats.path / "Observation-0001.ndjson").touch()  # the download is still going on
+    assert [(o.file, o.outcome) for o in scan_drop_folder(settings, publisher)] == [
+        ("archive", "rejected")
+    ]
+    _age_tree(stats.path, 60)
+    (outcome,) = scan_drop_folder(settings, publisher)
+    assert (outcome.file, outcome.outcome) == ("bulk-2026-11-30", "submitted")
+    shutil.make_archive(str(drop / "bulk-resent"), "gztar", stats.path)
+    _age(drop / "bulk-resent.tar.gz", 60)
+    (resent,) = scan_drop_folder(settings, publisher)
+    assert resent.outcome == "duplicate" and resent.job_id == outcome.job_id
+    assert scan_drop_folder(settings, publisher) == [] and len(published) == 1
+    with session_scope(settings.database_url) as session:
+        rejected = session.get_one(Job, _jobs(settings, JobKind.EHR_EXTRACT)[0].id)
+        assert rejected.state == JobState.REJECTED.value
+        assert "FHIR" in (rejected.error or "")

@@ -9,12 +9,16 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from sqlalchemy import select
 
-from core.settings import Settings
+from core.job_kinds import JobKind
+from core.settings import Settings, settings_env
+from db.jobs import transition
+from db.models import ChunkItem, Compound, Job, JobState
+from db.session import session_scope
 from medbatch.services.tokens import Scope, create_token
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import ManagedProcess, free_port, port_open
-from medbatch.stack.worker_process import settings_env
 
 UPLOAD_LIMIT = 3 << 20
 
@@ -46,3 +50,23 @@ def api(stack: EmbeddedStack) -> Iterator[Api]:
         yield Api(f"http://127.0.0.1:{s.api_port}", s, tokens)
     finally:
         proc.stop()
+
+
+def failed_chunk(settings: Settings, tag: str) -> int:
+    """A chunk that failed earlier (as after a long Triton outage), holding one known molecule:
+    what an operator retries once Triton is back."""
+    with session_scope(settings.database_url) as session:
+        compound = session.scalars(select(Compound).limit(1)).one()
+        chunk = Job(
+            kind=JobKind.CHEM_CHUNK.value,
+            source=tag,
+            idempotency_key=f"{tag}-chunk",
+            params={"model_name": settings.chem_model_name, "model_version": "1"},
+        )
+        session.add(chunk)
+        session.flush()
+        session.add(ChunkItem(job_id=chunk.id, position=0, compound_id=compound.id))
+        for state in (JobState.QUEUED, JobState.RUNNING):
+            transition(session, chunk.id, state, actor="test")
+        transition(session, chunk.id, JobState.FAILED, actor="test", error="Triton was down")
+        return int(chunk.id)

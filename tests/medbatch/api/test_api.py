@@ -19,14 +19,13 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from core.job_kinds import JobKind
-from db.jobs import transition
-from db.models import AuditEvent, ChunkItem, Compound, Job, JobState
+from db.models import AuditEvent
 from db.session import session_scope
 from medbatch.cli import app
 from medbatch.services.results import export_results
 from medbatch.synth.ehr import write_long_csv
 from tests.helpers import unique_valid
-from tests.medbatch.api.conftest import UPLOAD_LIMIT, Api
+from tests.medbatch.api.conftest import UPLOAD_LIMIT, Api, failed_chunk
 
 pytestmark = [pytest.mark.server]
 
@@ -112,7 +111,7 @@ def test_wrong_revoked_and_underscoped_tokens_are_refused(api: Api, tmp_path: Pa
 def test_a_library_is_submitted_polled_and_fetched(
     api: Api, nci_smiles: list[tuple[str, str]], tmp_path: Path
 ) -> None:
-    text = _library(nci_smiles, 30, skip=3000)
+    text = _library(nci_smiles, 30, skip=2600)  # NCI rows no other test scores
     with api.client("submit") as submitter:
         answer = submitter.post(
             "/api/v1/libraries",
@@ -153,7 +152,7 @@ def test_a_library_is_submitted_polled_and_fetched(
 def test_the_same_file_gives_the_same_job_also_when_posted_twice_at_once(
     api: Api, nci_smiles: list[tuple[str, str]]
 ) -> None:
-    text = _library(nci_smiles, 12, skip=3200).encode()
+    text = _library(nci_smiles, 12, skip=2800).encode()
     answers: list[httpx.Response] = []
 
     def post() -> None:
@@ -192,24 +191,32 @@ def test_an_ehr_extract_is_submitted_and_its_results_fetched(api: Api, tmp_path:
     assert body["job_id"]  # the rejection is recorded as a job
 
 
+def test_a_zipped_fhir_export_is_an_extract_too(api: Api, tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    from medbatch.synth.ehr_fhir import write_fhir_export
+
+    stats = write_fhir_export(tmp_path / "bulk", 30, seed=29, messiness=0.05)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(stats.path.iterdir()):
+            zf.write(p, f"bulk/{p.name}")
+    with api.client("submit") as c:
+        answer = c.post("/api/v1/ehr/extracts", files={"file": ("bulk.zip", buffer.getvalue())})
+        assert answer.status_code == 201, answer.text
+        job = _wait_done(c, answer.json()["id"])
+        assert job["state"] == "done", job
+        got = c.get(f"/api/v1/jobs/{job['id']}/results", params={"format": "ndjson"})
+    rows = [json.loads(line) for line in got.text.splitlines()]
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert len(rejected) == stats.broken_rows
+    assert all(r["reason"].startswith("bulk/Observation-0001.ndjson, line ") for r in rejected)
+
+
 # --- retry ---------------------------------------------------------------------------------------
 def test_admin_retries_a_failed_chunk(api: Api, nci_smiles: list[tuple[str, str]]) -> None:
-    # A chunk that failed earlier (as after a long Triton outage), holding one known molecule.
-    with session_scope(api.settings.database_url) as session:
-        compound = session.scalars(select(Compound).limit(1)).one()
-        chunk = Job(
-            kind=JobKind.CHEM_CHUNK.value,
-            source="retry-test",
-            idempotency_key="retry-test-chunk",
-            params={"model_name": api.settings.chem_model_name, "model_version": "1"},
-        )
-        session.add(chunk)
-        session.flush()
-        session.add(ChunkItem(job_id=chunk.id, position=0, compound_id=compound.id))
-        for state in (JobState.QUEUED, JobState.RUNNING):
-            transition(session, chunk.id, state, actor="test")
-        transition(session, chunk.id, JobState.FAILED, actor="test", error="Triton was down")
-        chunk_id = int(chunk.id)
+    chunk_id = failed_chunk(api.settings, "retry-test")
     with api.client("admin") as admin:
         answer = admin.post(f"/api/v1/jobs/{chunk_id}/retry")
         assert answer.status_code == 200 and answer.json()["requeued"] == [chunk_id]

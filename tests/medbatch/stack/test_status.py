@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, settings_env
 from medbatch.cli import app
 from medbatch.services.health import Supervision, stack_status
 from medbatch.stack.process import free_port
@@ -28,7 +28,6 @@ from medbatch.stack.state import (
     utc_now,
     write_state,
 )
-from medbatch.stack.worker_process import settings_env
 
 
 def _nothing_running(tmp: Path, **overrides: object) -> Settings:

@@ -163,15 +163,3 @@ def predict(model: LungCTNet, volumes: Tensor, device: torch.device) -> Predicti
     with torch.inference_mode():
         out = model(volumes.to(device=device, dtype=torch.float32))
     return Prediction(*(t.float().cpu() for t in out))
-
-
-def state_dict_sha256(state_dict: dict[str, Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of the tensors of a state dict."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

@@ -434,15 +434,3 @@ def predict_logs(
             )
             outs.append(pred.float() * std + mean)
     return torch.cat(outs).cpu()
-
-
-def state_dict_sha256(state_dict: dict[str, Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of the tensors of a state dict."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
