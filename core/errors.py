@@ -15,6 +15,10 @@ class ServiceStartError(MedbatchError):
     """A local server (redis-server, tritonserver, a worker) did not start or become ready."""
 
 
+class SupervisionError(MedbatchError):
+    """A process ``medbatch up`` started kept exiting: the stack stops, to be restarted whole."""
+
+
 class InputError(MedbatchError):
     """The submitted file cannot be read as a whole (not a single bad row: those are recorded)."""
 

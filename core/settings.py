@@ -20,6 +20,12 @@ from core.served_models import LUNG_CT_CNN, MOLECULE_GNN
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def local_host(bind_address: str) -> str:
+    """Where a client on this machine reaches a server bound to ``bind_address`` (a wildcard
+    bind answers on loopback)."""
+    return "127.0.0.1" if bind_address in ("0.0.0.0", "", "::") else bind_address
+
+
 class Settings(BaseSettings):
     """medbatch settings; every field is ``MEDBATCH_<FIELD>`` in the environment."""
 
@@ -182,6 +188,31 @@ class Settings(BaseSettings):
     )
     api_root_path: str = Field("", description="Path prefix when served behind a proxy, '/mb'.")
 
+    # --- supervision by `medbatch up` -----------------------------------------------------------
+    supervise_backoff_base_s: float = Field(
+        1.0,
+        gt=0,
+        description="Delay before restarting a process `medbatch up` started that exited; "
+        "doubled for each restart of it within the window.",
+    )
+    supervise_backoff_max_s: float = Field(60.0, gt=0, description="Longest restart delay.")
+    supervise_restart_budget: int = Field(
+        5,
+        ge=0,
+        description="Restarts of one process within the window; one more exit and `medbatch up` "
+        "stops everything and exits non-zero (for systemd or another outer supervisor).",
+    )
+    supervise_restart_window_s: float = Field(
+        600.0, gt=0, description="The window the restart budget and the back-off count over."
+    )
+    supervise_poll_s: float = Field(0.5, gt=0, description="How often processes are checked.")
+    supervise_probe_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a part `medbatch up` did not start (a Redis, Triton or API that "
+        "answered already) is probed.",
+    )
+
     metrics_host: str = Field("127.0.0.1", description="Bind address of the workers' /metrics.")
     metrics_port: int = Field(0, ge=0, description="Prometheus port of a worker; 0 turns it off.")
 
@@ -198,10 +229,7 @@ class Settings(BaseSettings):
     def api_url(self) -> str:
         """Where `medbatch serve` answers (for people and for the console's links)."""
         scheme = "https" if self.api_tls_cert else "http"
-        host = (
-            "127.0.0.1" if self.api_bind_address in ("0.0.0.0", "", "::") else self.api_bind_address
-        )
-        return f"{scheme}://{host}:{self.api_port}{self.api_root_path}"
+        return f"{scheme}://{local_host(self.api_bind_address)}:{self.api_port}{self.api_root_path}"
 
     @property
     def upload_dir(self) -> Path:

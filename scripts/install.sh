@@ -48,4 +48,12 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     echo "warning: chromium is not installed (apt-get install chromium chromium-driver); the console's browser tests need it" >&2
   fi
 fi
+# systemd-analyze: the tests verify deploy/systemd/medbatch.service with systemd's own parser.
+if ! command -v systemd-analyze >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt_install --no-install-recommends systemd
+  else
+    echo "warning: systemd-analyze is not installed (apt-get install systemd); a deploy test needs it" >&2
+  fi
+fi
 .venv/bin/python -c 'import torch, torch_geometric, rdkit, tritonclient.grpc, pytriton; print("medbatch installed: torch", torch.__version__)'

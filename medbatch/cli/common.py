@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "out",
     "progress",
     "settings",
+    "stop_event",
     "terminal_user",
     "wait_for_stop",
     "wait_with_progress",
@@ -64,18 +65,19 @@ def progress(*columns: Any) -> Progress:
     )
 
 
+def stop_event() -> threading.Event:
+    """An event set by SIGTERM (docker stop, systemd) or SIGINT (Ctrl-C)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
 def wait_for_stop() -> None:
     """Block until SIGTERM (docker stop, systemd) or SIGINT (Ctrl-C)."""
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    while not stop:
-        time.sleep(0.2)
+    stop = stop_event()
+    while not stop.wait(0.2):  # a timed wait: the signal handler runs between waits
+        pass
 
 
 def wait_with_progress(s: Settings, job_id: int, timeout: float, what: str = "chunks") -> None:

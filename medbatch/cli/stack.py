@@ -7,11 +7,13 @@ import os
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from core.errors import MedbatchError
 from medbatch.cli.app import app
-from medbatch.cli.common import console, fail, ok, out, settings, wait_for_stop
+from medbatch.cli.common import console, fail, ok, out, settings, stop_event, wait_for_stop
 from medbatch.services import stack as stack_service
+from medbatch.services.health import stack_status
 
 
 @app.command(rich_help_panel="Run medbatch")
@@ -27,19 +29,56 @@ def up(
         bool, typer.Option(help="Also run the HTTP API and console (`medbatch serve`).")
     ] = True,
 ) -> None:
-    """Start Redis, Triton and workers (whatever is not already running); stop them on Ctrl-C."""
+    """Start Redis, Triton, workers, the API (and the listener), whatever is not already
+    running, and keep them running: a process that exits is restarted with back-off; one that
+    keeps exiting stops everything with exit status 2. Ctrl-C (SIGTERM) stops them."""
     s = settings()
     try:
         with stack_service.running_stack(
             s, workers=workers, beat=beat, listener=listen, api=api, report=ok
-        ):
+        ) as stack:
             console.print(
-                "[bold]medbatch is up.[/] Submit with `medbatch screen FILE`; Ctrl-C stops."
+                "[bold]medbatch is up.[/] Submit with `medbatch screen FILE`; `medbatch status` "
+                "shows each part; Ctrl-C stops."
             )
-            wait_for_stop()
+            stack.supervise(stop_event())
             console.print("stopping …")
     except MedbatchError as exc:
         raise fail(exc) from exc
+
+
+@app.command(rich_help_panel="Run medbatch")
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Each part of the stack: answering now, pid, up since, restarts, last exit (exit status 1
+    when one does not answer)."""
+    st = stack_status(settings())
+    if as_json:
+        typer.echo(st.model_dump_json(indent=2))
+    else:
+        table = Table("part", "answering", "state", "pid", "up since", "restarts", "last exit", "")
+        for p in st.parts:
+            table.add_row(
+                p.name,
+                "[green]yes[/]" if p.ok else ("[bold red]no[/]" if p.required else "[yellow]no[/]"),
+                (p.phase or "-") + (" (not ours)" if p.managed is False else ""),
+                str(p.pid or "-"),
+                f"{p.up_since:%Y-%m-%d %H:%M:%S}" if p.up_since else "-",
+                str(p.restarts),
+                p.last_exit or "-",
+                p.detail,
+            )
+        out.print(table)
+        if st.queues:
+            out.print("waiting: " + ", ".join(f"{q} {n}" for q, n in st.queues.items()))
+        when = st.stopped_at or st.supervising_since
+        at = f" ({'at' if st.stopped_at else 'since'} {when:%Y-%m-%d %H:%M:%S})" if when else ""
+        out.print(f"medbatch up: {st.supervision}{at}" + (f": {st.outcome}" if st.outcome else ""))
+        for note in st.notes:
+            out.print(f"[yellow]{note}[/]")
+    if not st.all_answering:
+        raise typer.Exit(code=1)
 
 
 @app.command(rich_help_panel="Run medbatch")

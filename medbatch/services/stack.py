@@ -28,7 +28,7 @@ def running_stack(
 ) -> EmbeddedStack:
     """The embedded stack (Redis, Triton, workers, optionally the DICOM listener and the HTTP
     API) as a context manager: whatever is not already running is started, and stopped again
-    on exit."""
+    on exit; its ``supervise(stop)`` restarts what exits until ``stop`` is set."""
     return EmbeddedStack(
         settings, workers=workers, beat=beat, listener=listener, api=api, report=report
     )

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from core.errors import ServiceStartError
@@ -32,20 +33,32 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ManagedProcess:
     """One server or worker process that medbatch started and will stop."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.log_path = log_path
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at: datetime | None = None  # wall clock, UTC
+        self._group_reaped = False
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        self._group_reaped = False
         try:
             self.proc = subprocess.Popen(
                 self.argv,
                 env=self.env,
+                cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -55,6 +68,7 @@ class ManagedProcess:
             raise ServiceStartError(f"{self.name}: cannot run {self.argv[0]}: {exc}") from exc
         finally:
             log.close()
+        self.started_at = datetime.now(UTC)
         return self
 
     @property
@@ -88,15 +102,33 @@ class ManagedProcess:
             f"{self.name} not {what} after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}"
         )
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has exited (negative: killed by that signal)."""
+        return None if self.proc is None else self.proc.poll()
+
     def signal_group(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
 
+    def reap_group(self) -> None:
+        """SIGKILL what is left of the process group once its leader has exited (a Celery pool
+        child or a Triton backend stub outliving a killed parent).
+
+        Call it right after the leader's exit was collected: the group keeps the leader's id
+        while any member lives, and with no member left the id is free again, so a later call
+        could hit a stranger's group. Hence once only."""
+        if self.proc is None or self.proc.poll() is None or self._group_reaped:
+            return
+        self._group_reaped = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the process group (graceful: Celery finishes or requeues), then SIGKILL."""
-        if self.proc is None:
-            return
+        if self.proc is None or self.proc.poll() is not None:
+            return  # exited before: its group was reaped when that was noticed (reap_group)
         self.signal_group(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout)
@@ -104,11 +136,24 @@ class ManagedProcess:
             self.signal_group(signal.SIGKILL)
             self.proc.wait(timeout=10)
         # Reap any straggler in the group (pool children) so nothing outlives the stack.
-        self.signal_group(signal.SIGKILL)
+        self.reap_group()
 
     def kill(self) -> None:
         """SIGKILL the whole group at once, as the OOM killer or a power cut would."""
-        if self.proc is None:
+        if self.proc is None or self.proc.poll() is not None:
             return
         self.signal_group(signal.SIGKILL)
         self.proc.wait(timeout=10)
+        self.reap_group()
+
+
+def describe_exit(returncode: int | None) -> str:
+    """An exit status as an operator reads it: 'killed by SIGKILL', 'exited with code 1'."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"

@@ -125,12 +125,17 @@ def triton_argv(settings: Settings, state_dir: Path) -> list[str]:
 
 
 def triton_process(settings: Settings, state_dir: Path) -> ManagedProcess:
-    log = state_dir / "triton" / f"tritonserver-{settings.triton_http_port}.log"
+    work = state_dir / "triton"
     return ManagedProcess(
         f"tritonserver:{settings.triton_grpc_port}",
         triton_argv(settings, state_dir),
         server_env(),
-        log,
+        work / f"tritonserver-{settings.triton_http_port}.log",
+        # Not the caller's directory: the python backend stubs import from their working
+        # directory, and a storage_dir there holds this very "triton" folder, which would
+        # shadow the `triton` package torch looks for (seen as "module 'triton' has no
+        # attribute 'language'" when `medbatch up` runs inside its storage_dir, as systemd does).
+        cwd=work,
     )
 
 

@@ -15,7 +15,7 @@ from medbatch.api.auth import SESSION_COOKIE, Reader, settings_of
 from medbatch.api.console.render import page
 from medbatch.api.console.session import Operator, safe_next, session_token
 from medbatch.services.ehr import extract_progress, extract_summary, list_extracts
-from medbatch.services.health import readiness
+from medbatch.services.health import stack_status
 from medbatch.services.jobs import JobState, list_jobs, progress_of, show_job
 from medbatch.services.screening import screening_summary
 from medbatch.services.studies import list_studies
@@ -48,7 +48,7 @@ def overview(request: Request, who: Operator) -> Response:
         "overview.html.j2",
         who=who,
         active="overview",
-        health=readiness(s),
+        health=stack_status(s),
         jobs=jobs,
         progress=progress_of(s, [j.id for j in jobs]),
         failed=len(failed),

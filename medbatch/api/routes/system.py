@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from medbatch.api.auth import SESSION_COOKIE, Reader, settings_of
 from medbatch.services.audit import verify_audit
-from medbatch.services.health import readiness
+from medbatch.services.health import stack_status
 from medbatch.services.tokens import TokenInfo, authenticate
 
 router = APIRouter()
@@ -29,17 +29,23 @@ def healthz() -> dict[str, Any]:
 
 @router.get("/readyz", tags=["health"])
 def readyz(request: Request, _: Reader) -> JSONResponse:
-    """The database, Redis, Triton and the listener each answer (503 naming those that do not);
-    the queue depths and the workers answering a ping."""
-    r = readiness(settings_of(request))
+    """The database, Redis, Triton and (where a PACS may send) the listener each answer (503
+    naming those that do not); every part with, where ``medbatch up`` supervises it, its pid, up
+    since, restarts and last exit; the queue depths and the workers answering a ping."""
+    st = stack_status(settings_of(request))
     body = {
-        "ready": r.ready,
-        "failing": r.failing,
-        "components": [asdict(c) for c in r.components],
-        "queues": r.queues,
-        "workers": r.workers,
+        "ready": st.ready,
+        "failing": st.failing,
+        "components": [p.model_dump(mode="json") for p in st.parts],
+        "queues": st.queues,
+        "workers": st.workers,
+        "supervision": st.model_dump(
+            mode="json",
+            include={"supervision", "supervisor_pid", "supervising_since", "stopped_at", "outcome"},
+        ),
+        "notes": st.notes,
     }
-    return JSONResponse(body, status_code=200 if r.ready else 503)
+    return JSONResponse(body, status_code=200 if st.ready else 503)
 
 
 @router.get("/metrics", tags=["health"])

@@ -297,6 +297,10 @@ def test_health_metrics_audit_and_studies(api: Api) -> None:
         assert names["listener"]["ok"]  # the session stack runs one
         assert ready.status_code == 200 and body["ready"], body
         assert set(body["queues"]) >= {"chem", "dicom", "ehr"}
+        assert body["workers"] and names[body["workers"][0]]["ok"]  # each worker by its node
+        # no `medbatch up` supervises the session's stack: nothing recorded to merge in
+        assert body["supervision"]["supervision"] == "none"
+        assert names["triton"]["restarts"] == 0 and names["triton"]["managed"] is None
         metrics = reader.get("/metrics")
         assert "medbatch_api_requests_total" in metrics.text
         assert 'route="/readyz"' in metrics.text
