@@ -139,16 +139,17 @@ class Listener:
         ae_title, address = _peer(event)
         if self.policy.allows(ae_title, address):
             return
-        event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
         log.warning(
             "association from AE %r at %s refused: not on the allow-list", ae_title, address
         )
+        # Audited before the peer hears the refusal: whoever sees the rejection finds its event.
         self._audit_peer(
             ae_title,
             address,
             "dicom.association_refused",
             {"reason": "calling AE title/address not on the allow-list"},
         )
+        event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
         # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and
         # the peer has closed, so the sender reads the reason instead of a reset connection.
         event.assoc.kill()
