@@ -10,12 +10,15 @@ test checks that every entry's inputs and outputs are there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from core.job_kinds import Flow
 
 if TYPE_CHECKING:
     from core.settings import Settings
+
+#: The type of a stored result field, as exports write it.
+FieldType = Literal["float", "bool", "str"]
 
 
 @dataclass(frozen=True, eq=False)  # an entry is itself: compared and hashed by identity
@@ -26,6 +29,10 @@ class ServedModel:
     ``CONTRIBUTION`` are required; ``ATTENTION`` (sequence models), ``OOD`` and ``RECON_ERROR``
     are optional, and each one present adds its result field, export column and report section.
     ``fields`` maps an output tensor to the name its value is stored and exported under (chem).
+    ``derived`` are result fields the worker adds beside them, in export order, from the
+    model's ``applicability_file`` (a JSON file in the model version directory, written by its
+    ``train.py``: the calibrated interval and the applicability domain). ``explainer`` is the
+    Triton model that gives per-atom contributions for the same inputs.
     An EHR model reads ``variables`` (declared in ``ingest/ehr/schema.py``, in input order):
     over the latest ``max_visits`` visits when it is a sequence model, else each variable's
     latest value.
@@ -45,6 +52,9 @@ class ServedModel:
     column_prefix: str = ""
     truth_label: str | None = None
     target_range: tuple[float, float] | None = None
+    derived: tuple[tuple[str, FieldType], ...] = ()
+    applicability_file: str | None = None
+    explainer: str | None = None
 
     def version(self, settings: Settings) -> str:
         """The version to ask Triton for (a setting, so a site can pin or move it)."""
@@ -55,15 +65,30 @@ class ServedModel:
     def has(self, output: str) -> bool:
         return output in self.outputs
 
+    def result_fields(self) -> list[tuple[str, FieldType]]:
+        """Every stored result field with its type, in export order: the outputs' fields
+        (floats), then the derived ones."""
+        return [(name, "float") for name in self.fields.values()] + list(self.derived)
+
 
 MOLECULE_GNN = ServedModel(
     name="molecule_gnn",
     flow="chem",
     title="aqueous solubility (logS)",
     inputs=("ATOM_FEATS", "N_ATOMS", "BOND_INDEX", "BOND_FEATS", "N_BONDS"),
-    outputs=("LOGS",),
+    outputs=("LOGS", "LOGS_STD"),
     version_setting="chem_model_version",
-    fields={"LOGS": "logS"},
+    # logS: the ensemble's mean; logS_std: the spread of its members. The worker adds a
+    # calibrated 90 % interval and the applicability domain from the file train.py writes.
+    fields={"LOGS": "logS", "LOGS_STD": "logS_std"},
+    derived=(
+        ("logS_lower", "float"),
+        ("logS_upper", "float"),
+        ("in_domain", "bool"),
+        ("domain_reason", "str"),
+    ),
+    applicability_file="applicability.json",
+    explainer="molecule_gnn_explain",
     # logS range of the training set (Huuskonen, 1,025 molecules; see its model card):
     # predictions outside it are extrapolations and are flagged as such.
     target_range=(-11.62, 1.58),

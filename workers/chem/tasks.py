@@ -10,18 +10,21 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 from celery import Task
 from sqlalchemy import select
 
 from core.job_kinds import JobKind
 from core.model_registry import served_model
+from core.served_models import ServedModel
 from core.settings import Settings
 from db import audit
 from db.insert_ignore import insert_ignore
 from db.jobs import finish_parent_if_complete, transition
 from db.models import ChunkItem, Compound, JobState, Prediction, utcnow
 from db.session import session_scope
+from workers.chem.domain import applicability_for
 from workers.chem.featurize import featurize_smiles
 from workers.lifecycle import claim, close, infer_or_wait, job_task
 from workers.metrics import CHUNKS, ITEMS
@@ -44,6 +47,30 @@ def _load_chunk(job_id: int, settings: Settings) -> list[tuple[int, str]]:
             .order_by(ChunkItem.position)
         ).all()
     return [(int(cid), str(smi)) for cid, smi in rows]
+
+
+def _add_derived(
+    entry: ServedModel,
+    version: str,
+    settings: Settings,
+    items: list[tuple[int, str]],
+    outputs: list[dict[str, Any]],
+) -> int | None:
+    """Add the model's derived fields (calibrated interval, applicability domain) to each
+    molecule's outputs; returns how many are out of domain (None for a model without them)."""
+    applicability = applicability_for(entry, version, settings)
+    if applicability is None:
+        return None
+    value_field, spread_field = list(entry.fields.values())[:2]
+    derived = applicability.assess(
+        [smi for _, smi in items],
+        [o[value_field] for o in outputs],
+        [o[spread_field] for o in outputs],
+    )
+    names = [name for name, _ in entry.derived]
+    for o, values in zip(outputs, derived, strict=True):
+        o.update(zip(names, values, strict=True))
+    return sum(1 for _, _, inside, _ in derived if not inside)
 
 
 @job_task(JobKind.CHEM_CHUNK)
@@ -70,7 +97,8 @@ def score_chunk(self: Task, job_id: int, settings: Settings) -> str:
         return "failed"
     t_feat = time.perf_counter()
 
-    fields = served_model(model, settings).fields  # output tensor → stored field
+    entry = served_model(model, settings)
+    fields = entry.fields  # output tensor → stored field
     out = infer_or_wait(self, job, settings, model, version, arrays, list(fields))
     if isinstance(out, str):
         return out
@@ -85,6 +113,14 @@ def score_chunk(self: Task, job_id: int, settings: Settings) -> str:
             error=f"model returned {wrong} values for {len(items)} molecules",
         )
         return "failed"
+    outputs = [{name: _finite(v[i, 0]) for name, v in values.items()} for i in range(len(items))]
+    t_domain = time.perf_counter()
+    try:
+        out_of_domain = _add_derived(entry, version, settings, items, outputs)
+    except (OSError, ValueError, KeyError) as exc:
+        close(job, JobState.FAILED, settings, error=f"applicability domain: {exc}")
+        return "failed"
+    t_derived = time.perf_counter()
     now = utcnow()
     rows = [
         {
@@ -92,7 +128,7 @@ def score_chunk(self: Task, job_id: int, settings: Settings) -> str:
             "compound_id": cid,
             "model_name": model,
             "model_version": version,
-            "outputs": {name: _finite(v[i, 0]) for name, v in values.items()},
+            "outputs": outputs[i],
             "created_at": now,
         }
         for i, (cid, _) in enumerate(items)
@@ -106,13 +142,15 @@ def score_chunk(self: Task, job_id: int, settings: Settings) -> str:
             actor=actor,
             summary={
                 "scored": len(rows),
+                "out_of_domain": out_of_domain,
                 "model": model,
                 "model_version": version,
                 "seconds": {
                     "load": round(t_load - t0, 4),
                     "featurize": round(t_feat - t_load, 4),
                     "triton": round(t_infer - t_feat, 4),
-                    "store": round(time.perf_counter() - t_infer, 4),
+                    "domain": round(t_derived - t_domain, 4),
+                    "store": round(time.perf_counter() - t_derived, 4),
                 },
             },
             details={"predictions": len(rows), "newly_stored": inserted},

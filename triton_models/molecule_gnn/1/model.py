@@ -34,5 +34,7 @@ class TritonPythonModel(BatchedTorchModel):
         return self.network.concat_graphs(requests)
 
     def predict(self, batch: tuple[Any, ...]) -> dict[str, Tensor]:
-        logs = self.network.predict_logs(self.model, batch, self.device, self.mean, self.std)
-        return {"LOGS": logs.reshape(-1, 1)}
+        logs, spread = self.network.predict_logs_and_spread(
+            self.model, batch, self.device, self.mean, self.std
+        )
+        return {"LOGS": logs.reshape(-1, 1), "LOGS_STD": spread.reshape(-1, 1)}

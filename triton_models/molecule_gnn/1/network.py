@@ -205,6 +205,13 @@ class FusedEnsemble(nn.Module):
     def forward(
         self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor, num_graphs: int
     ) -> Tensor:
+        return self.member_outputs(x, edge_index, edge_attr, batch, num_graphs).mean(dim=0)
+
+    def member_outputs(
+        self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor, num_graphs: int
+    ) -> Tensor:
+        """Each member's standardised logS, shape [members, num_graphs] (their spread is the
+        served uncertainty)."""
         k, hidden = self.members, self.hidden
         # Atoms: three joint-table rows per atom and member, summed by one embedding_bag.
         codes = (x[:, None, :] * self.atom_strides[None]).sum(-1) + self.atom_bases  # [N, groups]
@@ -228,8 +235,7 @@ class FusedEnsemble(nn.Module):
         counts = torch.bincount(batch, minlength=num_graphs).clamp(min=1).to(h.dtype)
         pooled = torch.cat([total, total / counts[None, :, None]], dim=2)
         out = torch.baddbmm(self.bh1, pooled, self.wh1).relu_()
-        out = torch.baddbmm(self.bh2, out, self.wh2)
-        return out.mean(dim=0).squeeze(-1)
+        return torch.baddbmm(self.bh2, out, self.wh2).squeeze(-1)
 
 
 def _stack(tensors: Sequence[Tensor]) -> Tensor:
@@ -415,17 +421,18 @@ def split_graph(graph: Graph, max_graphs: int) -> list[Graph]:
     return pieces
 
 
-def predict_logs(
-    model: nn.Module, graph: Graph, device: torch.device, mean: float, std: float
+def predict_members(
+    model: FusedEnsemble, graph: Graph, device: torch.device, mean: float, std: float
 ) -> Tensor:
-    """logS (log10 mol/L) of each molecule of one flat graph batch, on the CPU, shape
-    [num_graphs]: the serving path in one place, for Triton's model.py and its benchmark.
-    On a CPU the batch runs in pieces of :data:`CPU_SUB_BATCH` molecules; a GPU takes it whole."""
+    """Each member's logS (log10 mol/L) for each molecule of one flat graph batch, on the CPU,
+    shape [members, num_graphs]: the serving path in one place, for Triton's model.py and its
+    benchmark. On a CPU the batch runs in pieces of :data:`CPU_SUB_BATCH` molecules; a GPU takes
+    it whole."""
     pieces = [graph] if device.type != "cpu" else split_graph(graph, CPU_SUB_BATCH)
     outs = []
     with torch.inference_mode():
         for x, edge_index, edge_attr, batch, num_graphs in pieces:
-            pred = model(
+            pred = model.member_outputs(
                 x.to(device),
                 edge_index.to(device),
                 edge_attr.to(device),
@@ -433,4 +440,20 @@ def predict_logs(
                 num_graphs,
             )
             outs.append(pred.float() * std + mean)
-    return torch.cat(outs).cpu()
+    return torch.cat(outs, dim=1).cpu()
+
+
+def predict_logs(
+    model: FusedEnsemble, graph: Graph, device: torch.device, mean: float, std: float
+) -> Tensor:
+    """logS of each molecule of one flat graph batch (the members' mean), shape [num_graphs]."""
+    return predict_members(model, graph, device, mean, std).mean(dim=0)
+
+
+def predict_logs_and_spread(
+    model: FusedEnsemble, graph: Graph, device: torch.device, mean: float, std: float
+) -> tuple[Tensor, Tensor]:
+    """The served outputs of one flat graph batch, each of shape [num_graphs]: logS (the
+    members' mean) and its spread (standard deviation over the members, ``ddof=0``)."""
+    members = predict_members(model, graph, device, mean, std)
+    return members.mean(dim=0), members.std(dim=0, correction=0)
