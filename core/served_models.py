@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 #: The type of a stored result field, as exports write it.
 FieldType = Literal["float", "bool", "str"]
+#: The derived field flagging a molecule inside its model's applicability domain, and the one
+#: saying why not: exports filter on the first, reports and summaries count and list them.
+IN_DOMAIN = "in_domain"
+DOMAIN_REASON = "domain_reason"
 
 
 @dataclass(frozen=True, eq=False)  # an entry is itself: compared and hashed by identity
@@ -65,6 +69,10 @@ class ServedModel:
     def has(self, output: str) -> bool:
         return output in self.outputs
 
+    def has_domain(self) -> bool:
+        """Whether results carry the applicability-domain flag."""
+        return any(name == IN_DOMAIN for name, _ in self.derived)
+
     def result_fields(self) -> list[tuple[str, FieldType]]:
         """Every stored result field with its type, in export order: the outputs' fields
         (floats), then the derived ones."""
@@ -84,8 +92,8 @@ MOLECULE_GNN = ServedModel(
     derived=(
         ("logS_lower", "float"),
         ("logS_upper", "float"),
-        ("in_domain", "bool"),
-        ("domain_reason", "str"),
+        (IN_DOMAIN, "bool"),
+        (DOMAIN_REASON, "str"),
     ),
     applicability_file="applicability.json",
     explainer="molecule_gnn_explain",

@@ -18,10 +18,17 @@ from sqlalchemy.orm import Session
 from core.errors import InputError
 from core.job_kinds import JobKind
 from core.model_registry import served_model
-from core.served_models import ServedModel
+from core.served_models import FieldType, ServedModel
 from db.jobs import get_job
 from db.models import Compound, LibraryEntry, Prediction
 from db.rejections import iter_rejections
+
+#: How a result field of each type is exported.
+ARROW_TYPES: dict[FieldType, pa.DataType] = {
+    "float": pa.float64(),
+    "bool": pa.bool_(),
+    "str": pa.string(),
+}
 
 
 def screen_schema(model: ServedModel) -> pa.Schema:
@@ -34,7 +41,7 @@ def screen_schema(model: ServedModel) -> pa.Schema:
             ("canonical_smiles", pa.string()),
             ("inchikey", pa.string()),
             ("duplicate_of_line", pa.int64()),
-            *((name, pa.float64()) for name in model.fields.values()),
+            *((name, ARROW_TYPES[kind]) for name, kind in model.result_fields()),
             ("model_name", pa.string()),
             ("model_version", pa.string()),
             ("reason", pa.string()),
@@ -46,7 +53,7 @@ def screen_schema(model: ServedModel) -> pa.Schema:
 def _accepted(
     session: Session, job_id: int, model: ServedModel, version: str, page: int
 ) -> Iterator[dict[str, Any]]:
-    fields = list(model.fields.values())
+    fields = [name for name, _ in model.result_fields()]
     last = 0
     while True:
         rows = session.execute(

@@ -22,14 +22,25 @@ def test_report_shows_counts_histogram_structures_and_reasons(db_url: str, tmp_p
         )
         s.add(job)
         s.flush()
-        for line, (smi, key, logs) in enumerate(
+        reason = "size outside training range: 30 heavy atoms (training 2–29)"
+        for line, (smi, key, logs, domain) in enumerate(
             [
-                ("CCO", "LFQSCWFLJHTTHZ-UHFFFAOYSA-N", 0.97),
-                ("c1ccccc1", "UHOVQNZJYSORNB-UHFFFAOYSA-N", -1.45),
-                ("CCCCCCCCCCCCCCCCCCCCCCCCCCCCCC", "XAAAAAAAAAAAAA-UHFFFAOYSA-N", -14.6),
+                ("CCO", "LFQSCWFLJHTTHZ-UHFFFAOYSA-N", 0.97, {"in_domain": True}),
+                ("c1ccccc1", "UHOVQNZJYSORNB-UHFFFAOYSA-N", -1.45, {}),  # stored before issue 15
+                (
+                    "CCCCCCCCCCCCCCCCCCCCCCCCCCCCCC",
+                    "XAAAAAAAAAAAAA-UHFFFAOYSA-N",
+                    -14.6,
+                    {"in_domain": False, "domain_reason": reason},
+                ),
             ],
             start=2,
         ):
+            interval = (
+                {"logS_std": 0.3, "logS_lower": logs - 0.97, "logS_upper": logs + 0.97}
+                if domain
+                else {}
+            )
             c = Compound(inchikey=key, canonical_smiles=smi, library="lib.smi")
             s.add(c)
             s.flush()
@@ -42,7 +53,7 @@ def test_report_shows_counts_histogram_structures_and_reasons(db_url: str, tmp_p
                     compound_id=c.id,
                     model_name="molecule_gnn",
                     model_version="1",
-                    outputs={"logS": logs},
+                    outputs={"logS": logs, **interval, **domain},
                 )
             )
         s.add(
@@ -63,4 +74,11 @@ def test_report_shows_counts_histogram_structures_and_reasons(db_url: str, tmp_p
     assert "Screening job" in page and "lib.smi" in page
     assert "syntax error while parsing: C1CC(" in page and "bad" in page
     assert page.count("extrapolated</span>") == 2  # the C30 alkane, at both ends' lists
+    # Issue 15: intervals as bars, the out-of-domain molecule coloured with its reason, listed.
+    assert page.count('class="card ood"') == 2  # the C30 alkane, at both ends' lists
+    assert page.count(reason) == 3  # both cards and the out-of-domain table
+    assert page.count('<tr class="ood">') == 1
+    assert "[0.00, 1.94]" in page  # ethanol's interval; benzene (no interval stored) has none
+    assert page.count('class="iv"') == 2 * 2 + 1  # ethanol and C30 in both lists, + the table
+    assert "outside the applicability domain (scored, flagged)" in page
     assert "<script" not in page

@@ -97,6 +97,6 @@ def wait_with_progress(s: Settings, job_id: int, timeout: float, what: str = "ch
         job_service.wait_for_job(s, job_id, timeout, show)
 
 
-def export(s: Settings, job_id: int, out_file: Path) -> None:
-    n = export_results(s, job_id, out_file, actor=terminal_user())
+def export(s: Settings, job_id: int, out_file: Path, *, in_domain_only: bool = False) -> None:
+    n = export_results(s, job_id, out_file, actor=terminal_user(), in_domain_only=in_domain_only)
     ok(f"wrote {n} rows to {out_file}")

@@ -68,11 +68,17 @@ def jobs(
 def results(
     job_id: ResultsJob,
     out_file: Annotated[Path, typer.Option("--out", help="file.csv or file.parquet")],
+    in_domain_only: Annotated[
+        bool,
+        typer.Option(
+            "--in-domain-only", help="Screening: only molecules inside the model's domain."
+        ),
+    ] = False,
 ) -> None:
     """Export results: a screening job's, one row per line of the file; an EHR extract's, one
     row per scored patient (every model side by side) and one per rejected line."""
     try:
-        export(settings(), job_id, out_file)
+        export(settings(), job_id, out_file, in_domain_only=in_domain_only)
     except MedbatchError as exc:
         raise fail(exc) from exc
 

@@ -76,6 +76,11 @@ def screen_and_show(
         ("chunks", summary.chunks),
     ]:
         table.add_row(label, str(value))
+    if summary.out_of_domain is not None:
+        table.add_row(
+            "out of domain (scored, flagged)",
+            f"[yellow]{summary.out_of_domain}[/]" if summary.out_of_domain else "0",
+        )
     if summary.error:
         table.add_row("error", summary.error)
     out.print(table)

@@ -1,6 +1,8 @@
 """A screening job as one self-contained HTML page: what came in, what was scored, the
-distribution of predicted solubility, the molecules at both ends drawn by RDKit, and every
-rejected row with its reason. Chemists look at structures and histograms, not CSV files."""
+distribution of predicted solubility, the molecules at both ends drawn by RDKit with their
+calibrated interval, the molecules outside the model's applicability domain with the reason, and
+every rejected row with its reason. Chemists look at structures and histograms, not CSV
+files."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from rdkit.Chem.Draw import rdMolDraw2D
 from sqlalchemy.orm import Session
 
 from core.model_registry import served_model
+from core.served_models import DOMAIN_REASON, IN_DOMAIN
 from db.jobs import get_job
 from db.screen_results import screen_results
 from medbatch.reports.page import figure_svg, write_report
@@ -28,6 +31,9 @@ BANDS = [
 ]
 EXTREMES = 8
 REJECTED_SHOWN = 200
+OUT_OF_DOMAIN_SHOWN = 200
+#: The logS scale of the interval bars (values beyond it are drawn at its ends).
+BAR_SCALE = (-12.0, 2.0)
 
 
 @dataclass
@@ -36,16 +42,44 @@ class _Row:
     name: str
     smiles: str
     logs: float
+    lower: float | None = None
+    upper: float | None = None
+    in_domain: bool | None = None
+    reason: str = ""
+
+    def bar(self) -> dict[str, float] | None:
+        """Where the interval and the value sit on :data:`BAR_SCALE`, in percent."""
+        if self.lower is None or self.upper is None:
+            return None
+        lo, hi = BAR_SCALE
+
+        def pct(v: float) -> float:
+            return round(100 * (min(max(v, lo), hi) - lo) / (hi - lo), 2)
+
+        left = pct(self.lower)
+        return {"left": left, "width": max(pct(self.upper) - left, 0.5), "value": pct(self.logs)}
 
 
-def _histogram_svg(values: list[float]) -> str:
+def _histogram_svg(values: list[float], outside: list[float]) -> str:
+    """The logS histogram over the solubility classes; out-of-domain molecules stacked on top
+    in their own colour."""
     fig = Figure(figsize=(7.5, 3.2), dpi=100)  # no pyplot: no global state, no display
     ax = fig.subplots()
-    lo, hi = (min(values), max(values)) if values else (-8.0, 2.0)
+    every = values + outside
+    lo, hi = (min(every), max(every)) if every else (-8.0, 2.0)
     lo, hi = min(lo, -8.0), max(hi, 2.0)
     for start, end, label, colour in BANDS:
         ax.axvspan(max(start, lo), min(end, hi), color=colour, alpha=0.8, lw=0, label=label)
-    ax.hist(values, bins=40, range=(lo, hi), color="#2b4c7e", edgecolor="white", linewidth=0.4)
+    ax.hist(
+        [values, outside],
+        bins=40,
+        range=(lo, hi),
+        stacked=True,
+        color=["#2b4c7e", "#e69138"],
+        label=["in domain", "out of domain"],
+        edgecolor="white",
+        linewidth=0.4,
+    )
     ax.set_xlabel("predicted logS  (log10 mol/L)")
     ax.set_ylabel("molecules")
     ax.legend(loc="upper left", fontsize=8, frameon=False)
@@ -72,6 +106,10 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
     model = served_model(str(job.params["model_name"]))
     field = next(iter(model.fields.values()))  # the value drawn (logS)
     low, high = model.target_range or (float("-inf"), float("inf"))
+    lower_field, upper_field = (
+        next((n for n, _ in model.derived if n.endswith(suffix)), None)
+        for suffix in ("_lower", "_upper")
+    )
     scored: list[_Row] = []
     rejected: list[dict[str, Any]] = []
     rejected_total = 0
@@ -79,13 +117,23 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
     for row in rows:
         if row["status"] == "scored" and row[field] is not None:
             scored.append(
-                _Row(row["line_no"], row["record_name"] or "", row["canonical_smiles"], row[field])
+                _Row(
+                    row["line_no"],
+                    row["record_name"] or "",
+                    row["canonical_smiles"],
+                    row[field],
+                    lower=row.get(lower_field) if lower_field else None,
+                    upper=row.get(upper_field) if upper_field else None,
+                    in_domain=row.get(IN_DOMAIN),
+                    reason=row.get(DOMAIN_REASON) or "",
+                )
             )
         elif row["status"] == "rejected":
             rejected_total += 1
             if len(rejected) < REJECTED_SHOWN:
                 rejected.append(row)
     ordered = sorted(scored, key=lambda r: r.logs)
+    outside = [r for r in scored if r.in_domain is False]
     extremes = [
         ("Least soluble", ordered[:EXTREMES]),
         ("Most soluble", ordered[::-1][:EXTREMES]),
@@ -103,6 +151,8 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
             sum(1 for r in scored if not low <= r.logs <= high),
         ),
     ]
+    if model.has_domain():
+        counts.append(("outside the applicability domain (scored, flagged)", len(outside)))
     return write_report(
         session,
         "screening.html.j2",
@@ -116,7 +166,13 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
         created=f"{job.created_at:%Y-%m-%d %H:%M} UTC",
         counts=counts,
         scored=len(scored),
-        histogram=_histogram_svg([r.logs for r in scored]),
+        histogram=_histogram_svg(
+            [r.logs for r in scored if r.in_domain is not False], [r.logs for r in outside]
+        ),
+        has_domain=model.has_domain(),
+        bar_scale=BAR_SCALE,
+        outside=[{**r.__dict__, "bar": r.bar()} for r in outside[:OUT_OF_DOMAIN_SHOWN]],
+        outside_total=len(outside),
         extremes=[
             (
                 title,
@@ -125,6 +181,7 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
                         **r.__dict__,
                         "svg": _structure_svg(r.smiles),
                         "extrapolated": not low <= r.logs <= high,
+                        "bar": r.bar(),
                     }
                     for r in rows
                 ],

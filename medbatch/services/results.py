@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from core.errors import InputError
 from core.job_kinds import JobKind
+from core.served_models import IN_DOMAIN
 from core.settings import Settings
 from db import audit
 from db.ehr_results import ehr_results
@@ -41,9 +42,13 @@ class ResultTable:
     rows: Iterator[dict[str, Any]]
 
 
-def result_table(session: Session, job_id: int, page: int = 5000) -> ResultTable:
+def result_table(
+    session: Session, job_id: int, page: int = 5000, *, in_domain_only: bool = False
+) -> ResultTable:
     """The job's export: a screening job's, one row per line of the file; an EHR extract's,
-    one row per scored patient then one per rejected line."""
+    one row per scored patient then one per rejected line. ``in_domain_only`` keeps the rows
+    whose molecule is inside the model's applicability domain (scored ones and their
+    duplicates)."""
     job = get_job(session, job_id)
     reader = READERS.get(job.kind)
     if reader is None:
@@ -52,6 +57,13 @@ def result_table(session: Session, job_id: int, page: int = 5000) -> ResultTable
             "EHR extract job"
         )
     schema, rows = reader(session, job_id, page)
+    if in_domain_only:
+        if IN_DOMAIN not in schema.names:
+            raise InputError(
+                f"job {job_id}'s results have no {IN_DOMAIN} column: only a model with an "
+                "applicability domain can be filtered by it"
+            )
+        rows = (row for row in rows if row[IN_DOMAIN] is True)
     return ResultTable(job_id, schema, rows)
 
 
@@ -129,34 +141,47 @@ def audit_export(settings: Settings, job_id: int, *, actor: str, **details: Any)
         )
 
 
-def check_exportable(settings: Settings, job_id: int) -> None:
+def check_exportable(settings: Settings, job_id: int, *, in_domain_only: bool = False) -> None:
     """Raise what an export of ``job_id`` would raise (no such job, a kind without results)
     before anything is sent: an HTTP answer cannot change its status once streaming."""
     with read_scope(settings.database_url) as session:
-        result_table(session, job_id)
+        result_table(session, job_id, in_domain_only=in_domain_only)
 
 
 def stream_job_results(
-    settings: Settings, job_id: int, fmt: Format, *, batch: int = 5000
+    settings: Settings,
+    job_id: int,
+    fmt: Format,
+    *,
+    batch: int = 5000,
+    in_domain_only: bool = False,
 ) -> Iterator[bytes]:
     """The job's results encoded as ``fmt``, read in a read-only transaction (workers keep
     committing meanwhile), one page of rows in memory at a time."""
     with read_scope(settings.database_url) as session:
-        yield from stream_results(result_table(session, job_id, page=batch), fmt, batch)
+        table = result_table(session, job_id, page=batch, in_domain_only=in_domain_only)
+        yield from stream_results(table, fmt, batch)
 
 
 def export_results(
-    settings: Settings, job_id: int, out: Path, *, actor: str, batch: int = 5000
+    settings: Settings,
+    job_id: int,
+    out: Path,
+    *,
+    actor: str,
+    batch: int = 5000,
+    in_domain_only: bool = False,
 ) -> int:
     """``medbatch results JOB --out FILE``: the job's results written to a .csv or .parquet
-    file; audited; returns the rows written."""
+    file (``in_domain_only``: the rows inside the model's applicability domain); audited;
+    returns the rows written."""
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise InputError(f"{out.name}: export to .csv or .parquet")
     count = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with read_scope(settings.database_url) as session:
-        table = result_table(session, job_id, page=batch)
+        table = result_table(session, job_id, page=batch, in_domain_only=in_domain_only)
 
         def counted(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             nonlocal count
@@ -168,5 +193,8 @@ def export_results(
         with out.open("wb") as fh:
             for piece in stream_results(table, "csv" if suffix == ".csv" else "parquet", batch):
                 fh.write(piece)
-    audit_export(settings, job_id, actor=actor, rows=count, format=suffix[1:], file=out.name)
+    extra = {"in_domain_only": True} if in_domain_only else {}
+    audit_export(
+        settings, job_id, actor=actor, rows=count, format=suffix[1:], file=out.name, **extra
+    )
     return count

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from core.model_registry import served_model
+from core.served_models import IN_DOMAIN
 from core.settings import Settings
 from db.jobs import get_job
-from db.models import Job, Prediction
+from db.models import Job, LibraryEntry, Prediction
 from db.session import session_scope
 from ingest.chem.submit import ProgressFn, ScreenOptions, SubmitResult
 from medbatch.services.stack import prepare_submission
@@ -31,6 +34,33 @@ class ScreeningSummary:
     already_scored: int
     scored_now: int
     chunks: int
+    #: Molecules of the library outside the model's applicability domain (scored, and flagged);
+    #: ``None`` for a model without one.
+    out_of_domain: int | None = None
+
+
+def _out_of_domain(session: Session, job: Job) -> int | None:
+    """Distinct molecules of the library whose stored prediction is flagged out of domain."""
+    params = dict(job.params or {})
+    if "model_name" not in params:
+        return None
+    model = served_model(str(params["model_name"]))
+    if not model.has_domain():
+        return None
+    count = session.scalar(
+        select(func.count(func.distinct(LibraryEntry.compound_id)))
+        .join(
+            Prediction,
+            (Prediction.compound_id == LibraryEntry.compound_id)
+            & (Prediction.model_name == model.name)
+            & (Prediction.model_version == str(params.get("model_version", ""))),
+        )
+        .where(
+            LibraryEntry.job_id == job.id,
+            Prediction.outputs[IN_DOMAIN].as_boolean().is_(False),
+        )
+    )
+    return int(count or 0)
 
 
 def submit_library(
@@ -82,4 +112,5 @@ def screening_summary(settings: Settings, job_id: int) -> ScreeningSummary:
             already_scored=int(c.get("already_scored", 0)),
             scored_now=int(scored_now or 0),
             chunks=int(c.get("chunks", 0)),
+            out_of_domain=_out_of_domain(session, job),
         )

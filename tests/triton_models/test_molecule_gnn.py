@@ -68,6 +68,16 @@ def _predict(network, served, arrays: dict[str, np.ndarray]) -> np.ndarray:
         return (model(x, ei, ea, batch, t[0].shape[0]) * std + mean).numpy()
 
 
+def _member_std(network, served, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The reference members' spread (ddof 0) of logS."""
+    model, mean, std, _ = served
+    t = [torch.from_numpy(arrays[n]) for n in INPUTS]
+    graph = (*network.padded_to_batch(*t), t[0].shape[0])
+    with torch.inference_mode():
+        members = torch.stack([m(*graph) for m in model.members]) * std + mean
+    return members.std(0, correction=0).numpy()
+
+
 def test_vocab_constants_match_featurizer(network):
     assert tuple(size for _, size in ATOM_FEATURES) == network.ATOM_VOCAB
     assert tuple(size for _, size in BOND_FEATURES) == network.BOND_VOCAB
@@ -170,7 +180,16 @@ def test_split_graph_pieces_and_predict_logs(network, served, nci_graphs):
     logs = network.predict_logs(fused, whole, torch.device("cpu"), mean, std)
     with torch.inference_mode():
         reference = model(*whole) * std + mean
+        members = torch.stack([m(*whole) for m in model.members]) * std + mean
     np.testing.assert_allclose(logs.numpy(), reference.numpy(), atol=1e-4)
+    # Each member separately (their spread is served as LOGS_STD), equal to the reference's.
+    fused_members = network.predict_members(fused, whole, torch.device("cpu"), mean, std)
+    assert fused_members.shape == (len(model.members), 300)
+    np.testing.assert_allclose(fused_members.numpy(), members.numpy(), atol=1e-4)
+    mean_out, spread = network.predict_logs_and_spread(fused, whole, torch.device("cpu"), mean, std)
+    np.testing.assert_allclose(mean_out.numpy(), logs.numpy(), atol=1e-6)
+    np.testing.assert_allclose(spread.numpy(), members.std(0, correction=0).numpy(), atol=1e-4)
+    assert float(spread.min()) > 0  # five different members never agree exactly
 
 
 def _mol(smiles):
@@ -236,11 +255,14 @@ def test_execute_ragged_requests_and_isolated_errors(network, served, triton_mod
 
     for i, arrays in ((0, first), (2, second)):
         assert responses[i].error is None
-        (out,) = responses[i].output_tensors
-        assert out.name() == "LOGS"
+        out, spread = responses[i].output_tensors
+        assert (out.name(), spread.name()) == ("LOGS", "LOGS_STD")
         logs = out.as_numpy()
         assert logs.dtype == np.float32 and logs.shape == (arrays["N_ATOMS"].shape[0], 1)
         np.testing.assert_allclose(logs[:, 0], _predict(network, served, arrays), atol=1e-4)
+        std = spread.as_numpy()
+        assert std.dtype == np.float32 and std.shape == logs.shape
+        np.testing.assert_allclose(std[:, 0], _member_std(network, served, arrays), atol=1e-4)
 
     messages = {i: responses[i].error.message() for i in (1, 3, 4, 5)}
     assert "N_ATOMS[1]" in messages[1] and "outside" in messages[1]

@@ -145,7 +145,7 @@ class Applicability:
         if inputs.fragments > self.max_fragments:
             reasons.append(
                 f"{inputs.fragments} fragments (salt or mixture); training molecules have "
-                f"{self.max_fragments}"
+                f"at most {self.max_fragments}"
             )
         low, high = self.heavy_atoms
         if not low <= inputs.heavy_atoms <= high:

@@ -96,14 +96,18 @@ def results(
     job_id: int,
     token: Reader,
     fmt: Annotated[Format, Query(alias="format", description=", ".join(FORMATS))] = "csv",
+    in_domain_only: Annotated[
+        bool, Query(description="Screening: only molecules inside the model's domain.")
+    ] = False,
 ) -> StreamingResponse:
     """The same rows and columns as `medbatch results`, streamed: the server holds one page of
     rows at a time, whatever the job's size."""
     settings = settings_of(request)
-    check_exportable(settings, job_id)
-    audit_export(settings, job_id, actor=token.actor, format=fmt, to="http")
+    check_exportable(settings, job_id, in_domain_only=in_domain_only)
+    extra = {"in_domain_only": True} if in_domain_only else {}
+    audit_export(settings, job_id, actor=token.actor, format=fmt, to="http", **extra)
     return StreamingResponse(
-        stream_job_results(settings, job_id, fmt),
+        stream_job_results(settings, job_id, fmt, in_domain_only=in_domain_only),
         media_type=MEDIA_TYPES[fmt],
         headers={"Content-Disposition": f'attachment; filename="job-{job_id}.{fmt}"'},
     )
