@@ -101,6 +101,15 @@ MOLECULE_GNN = ServedModel(
     # predictions outside it are extrapolations and are flagged as such.
     target_range=(-11.62, 1.58),
 )
+MOLECULE_GNN_EXPLAIN = ServedModel(
+    name="molecule_gnn_explain",
+    flow="chem",
+    title="atom contributions to logS",
+    description="gradient × input on the atom embeddings of molecule_gnn's served weights",
+    inputs=MOLECULE_GNN.inputs,
+    outputs=("ATOM_CONTRIB",),
+    version_setting="chem_model_version",
+)
 LUNG_CT_CNN = ServedModel(
     name="lung_ct_cnn",
     flow="dicom",
@@ -141,6 +150,7 @@ CVD_AUTOENCODER = ServedModel(
 )
 BUILTIN: tuple[ServedModel, ...] = (
     MOLECULE_GNN,
+    MOLECULE_GNN_EXPLAIN,
     LUNG_CT_CNN,
     DIABETES_LSTM_ATTENTION,
     CVD_AUTOENCODER,

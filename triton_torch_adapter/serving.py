@@ -103,6 +103,9 @@ class BatchedTorchModel:
     #: each from the field of ``network.predict``'s result named as it in lower case (a field of
     #: shape [B] goes out as [B, 1]).
     outputs: tuple[str, ...] = ()
+    #: Another model of the repository whose ``network.py`` and ``weights.pt`` (same version)
+    #: this one serves, e.g. an explainer of a model's own weights; ``None``: its own.
+    weights_from: str | None = None
 
     name: str
     network: Any  # the model's network.py, loaded by path
@@ -140,7 +143,10 @@ class BatchedTorchModel:
         self.name = args["model_name"]
         self.model_config = json.loads(args["model_config"])
         torch.set_num_threads(cpu_threads(self.model_config))
-        version_dir = Path(args["model_repository"]) / str(args["model_version"])
+        model_dir = Path(args["model_repository"])
+        if self.weights_from is not None:
+            model_dir = model_dir.parent / self.weights_from
+        version_dir = model_dir / str(args["model_version"])
         self.network = load_network(version_dir)
         payload = load_weights(version_dir)
         try:

@@ -270,3 +270,43 @@ def test_execute_ragged_requests_and_isolated_errors(network, served, triton_mod
     assert "missing input tensor N_BONDS" in messages[4]
     assert "ATOM_FEATS[0, 0, 0]=200" in messages[5]
     assert all(m.startswith("molecule_gnn:") for m in messages.values())
+
+
+# ------------------------------------------------------------- atom contributions (issue 15)
+EXPLAIN_DIR = MODEL_DIR.parent / "molecule_gnn_explain"
+
+
+@pytest.fixture(scope="module")
+def explain_model():
+    with cpu_model(EXPLAIN_DIR, "molecule_gnn_explain_triton_model_test") as model:
+        yield model
+
+
+def test_explainer_serves_atom_contributions_of_the_served_weights(network, served, explain_model):
+    smiles = ["CCCCCCCCc1ccccc1O", "OCC(O)CO", "Clc1ccc(Cl)c(Cl)c1Cl"]
+    arrays = featurize_smiles(smiles)
+    alone = featurize_smiles(smiles[:1])
+    responses = explain_model.execute([Request(arrays), Request(alone)])
+    assert all(r.error is None for r in responses)
+    (out,) = responses[0].output_tensors
+    assert out.name() == "ATOM_CONTRIB"
+    contrib = out.as_numpy()
+    n_atoms = arrays["N_ATOMS"][:, 0]
+    assert contrib.dtype == np.float32 and contrib.shape == (3, int(n_atoms.max()))
+    for i, n in enumerate(n_atoms):
+        assert np.all(contrib[i, n:] == 0) and np.count_nonzero(contrib[i, :n]) == n
+    # The same numbers as network.atom_contributions on the trained ensemble, whatever the
+    # molecule's batch partners.
+    model, _, std, _ = served
+    t = [torch.from_numpy(arrays[n]) for n in INPUTS]
+    graph = (*network.padded_to_batch(*t), 3)
+    direct = network.atom_contributions(model, graph, std).numpy()
+    np.testing.assert_allclose(contrib[contrib != 0], direct, atol=1e-5)
+    (single,) = responses[1].output_tensors
+    np.testing.assert_allclose(single.as_numpy()[0], contrib[0, : n_atoms[0]], atol=1e-5)
+    # Chemistry: the hydroxyl oxygen raises solubility, the octyl tail lowers it.
+    octylphenol = contrib[0, : n_atoms[0]]
+    assert octylphenol[-1] > 0 > octylphenol[:8].sum()  # O is the last atom of the SMILES
+    assert octylphenol[-1] > octylphenol[:8].max()
+    assert (contrib[1, : n_atoms[1]][[0, 3, 5]] > 0).all()  # glycerol's three oxygens
+    assert contrib[2, : n_atoms[2]].sum() < 0  # tetrachlorobenzene

@@ -457,3 +457,43 @@ def predict_logs_and_spread(
     members' mean) and its spread (standard deviation over the members, ``ddof=0``)."""
     members = predict_members(model, graph, device, mean, std)
     return members.mean(dim=0), members.std(dim=0, correction=0)
+
+
+def atom_contributions(model: SolubilityEnsemble, graph: Graph, std: float) -> Tensor:
+    """Each atom's contribution to logS (log units), shape [atoms of the batch]: gradient × input
+    on the atom's embedding (summed over hidden units), averaged over the members.
+
+    Why on the trained :class:`SolubilityEnsemble` and not the fused one: it needs autograd,
+    which the fused network's in-place steps exclude; explanations are asked for a few molecules
+    at a time, so its speed does not matter. Positive: the atom raises the predicted solubility.
+    """
+    x, edge_index, edge_attr, batch, num_graphs = graph
+    embedded: list[Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+        output.retain_grad()
+        embedded.append(output)
+
+    handles = [m.atom_encoder.register_forward_hook(keep) for m in model.members]
+    try:
+        with torch.enable_grad():
+            model(x, edge_index, edge_attr, batch, num_graphs).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    # d(mean)/dh_k = (1/K) df_k/dh_k, so the sum over members is the members' mean.
+    total = torch.stack([(h * h.grad).sum(-1) for h in embedded if h.grad is not None]).sum(0)
+    return total.detach() * std
+
+
+def pad_per_molecule(values: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
+    """Per-atom values of a flat batch as [num_graphs, most atoms in a molecule], each
+    molecule's atoms in order from column 0, zero after its last atom."""
+    counts = torch.bincount(batch, minlength=num_graphs)
+    width = int(counts.max()) if counts.numel() else 0
+    offsets = torch.cumsum(counts, 0) - counts
+    position = torch.arange(batch.shape[0], device=batch.device) - offsets[batch]
+    out = values.new_zeros(num_graphs, max(width, 1))
+    out[batch, position] = values
+    return out
