@@ -105,7 +105,15 @@ def _audit_refusal(settings: Settings, request: Request, problem: HttpProblem) -
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from medbatch.api.routes import console, dicomweb, jobs, studies, submissions, system
+    from medbatch.api.routes import (
+        console,
+        dicomweb,
+        jobs,
+        molecules,
+        studies,
+        submissions,
+        system,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -170,7 +178,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.exception("%s %s: unexpected error", request.method, _route(request.scope))
         return await answer(request, as_problem(exc))
 
-    for module in (system, submissions, jobs, studies, dicomweb):
+    for module in (system, submissions, jobs, molecules, studies, dicomweb):
         app.include_router(module.router)
     console.mount(app)
     app.add_middleware(AccessLog, metrics=metrics)

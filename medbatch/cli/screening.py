@@ -10,6 +10,7 @@ from rich.progress import BarColumn, TextColumn
 from rich.table import Table
 
 from core.errors import MedbatchError
+from core.served_models import IN_DOMAIN
 from core.settings import REPO_ROOT, Settings
 from medbatch.cli.app import app
 from medbatch.cli.common import (
@@ -23,6 +24,7 @@ from medbatch.cli.common import (
     terminal_user,
     wait_with_progress,
 )
+from medbatch.services.explain import explain_molecule
 from medbatch.services.reports import render_report
 from medbatch.services.screening import ScreenOptions, screening_summary, submit_library
 from medbatch.services.stack import queue_consumers, running_stack
@@ -142,3 +144,41 @@ def demo(
             ok(f"wrote {report_file}: open it in a browser")
     except MedbatchError as exc:
         raise fail(exc) from exc
+
+
+@app.command(rich_help_panel="Compound libraries")
+def explain(
+    smiles: Annotated[str, typer.Argument(help="The molecule, as SMILES.")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write the similarity map here (.png).")
+    ] = None,
+    top: Annotated[int, typer.Option(help="Atoms listed, by largest contribution.")] = 8,
+) -> None:
+    """Score one molecule: logS, its spread and calibrated interval, the applicability domain,
+    and each atom's contribution (drawn as an RDKit similarity map with --out)."""
+    try:
+        found = explain_molecule(settings(), smiles, actor=terminal_user())
+    except MedbatchError as exc:
+        raise fail(exc) from exc
+    table = Table(title=f"{found.smiles} ({found.model_name} v{found.model_version})")
+    table.add_column("field")
+    table.add_column("value")
+    for name, value in found.values.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        if name == IN_DOMAIN and value is False:
+            shown = f"[yellow]{shown}[/]"
+        table.add_row(name, shown)
+    out.print(table)
+    atoms = Table(title="atom contributions (logS units; + raises solubility)")
+    atoms.add_column("atom", justify="right")
+    atoms.add_column("element")
+    atoms.add_column("contribution", justify="right")
+    for a in sorted(found.atoms, key=lambda a: -abs(a.contribution))[:top]:
+        atoms.add_row(str(a.index), a.symbol, f"{a.contribution:+.3f}")
+    out.print(atoms)
+    if out_file is not None:
+        if out_file.suffix.lower() != ".png":
+            raise fail(MedbatchError(f"{out_file.name}: the similarity map is written as .png"))
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_bytes(found.png)
+        ok(f"wrote {out_file}")

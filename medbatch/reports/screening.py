@@ -7,6 +7,7 @@ files."""
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,16 @@ from rdkit import Chem
 from rdkit.Chem.Draw import rdMolDraw2D
 from sqlalchemy.orm import Session
 
+from core.errors import MedbatchError
 from core.model_registry import served_model
 from core.served_models import DOMAIN_REASON, IN_DOMAIN
 from db.jobs import get_job
 from db.screen_results import screen_results
+from medbatch.reports.molecules import data_uri, similarity_map_png
 from medbatch.reports.page import figure_svg, write_report
+
+#: Atom contributions of canonical SMILES (one list per molecule, in RDKit's atom order).
+Explainer = Callable[[Sequence[str]], list[list[float]]]
 
 #: Solubility classes commonly used for logS (mol/L) in early discovery.
 BANDS = [
@@ -100,8 +106,24 @@ def _structure_svg(smiles: str, size: int = 200) -> str:
     return text[text.index("<svg") :]
 
 
-def render_screening_report(session: Session, job_id: int, out: Path, *, actor: str) -> Path:
-    """Write the job's HTML report to ``out`` (audited as an access to its results)."""
+def _maps(explain: Explainer | None, smiles: list[str]) -> tuple[dict[str, str], str]:
+    """Similarity maps (data URIs) of ``smiles`` by SMILES, and why there are none if so."""
+    if explain is None or not smiles:
+        return {}, ""
+    try:
+        weights = explain(smiles)
+    except MedbatchError as exc:  # Triton down: the report still renders, without maps
+        return {}, f"atom contributions unavailable: {exc}"
+    return {
+        s: data_uri(similarity_map_png(s, w, 220)) for s, w in zip(smiles, weights, strict=True)
+    }, ""
+
+
+def render_screening_report(
+    session: Session, job_id: int, out: Path, *, actor: str, explain: Explainer | None = None
+) -> Path:
+    """Write the job's HTML report to ``out`` (audited as an access to its results); with
+    ``explain``, the molecules at both ends are drawn with their atom contributions."""
     job = get_job(session, job_id)
     model = served_model(str(job.params["model_name"]))
     field = next(iter(model.fields.values()))  # the value drawn (logS)
@@ -138,6 +160,8 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
         ("Least soluble", ordered[:EXTREMES]),
         ("Most soluble", ordered[::-1][:EXTREMES]),
     ]
+    drawn = list(dict.fromkeys(r.smiles for _, rows in extremes for r in rows))
+    maps, maps_note = _maps(explain, drawn) if model.explainer else ({}, "")
     summary = dict(job.summary or {})
     counts = [
         ("rows read", summary.get("rows", 0)),
@@ -170,6 +194,8 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
             [r.logs for r in scored if r.in_domain is not False], [r.logs for r in outside]
         ),
         has_domain=model.has_domain(),
+        maps_note=maps_note,
+        has_maps=bool(maps),
         bar_scale=BAR_SCALE,
         outside=[{**r.__dict__, "bar": r.bar()} for r in outside[:OUT_OF_DOMAIN_SHOWN]],
         outside_total=len(outside),
@@ -179,7 +205,8 @@ def render_screening_report(session: Session, job_id: int, out: Path, *, actor: 
                 [
                     {
                         **r.__dict__,
-                        "svg": _structure_svg(r.smiles),
+                        "svg": "" if r.smiles in maps else _structure_svg(r.smiles),
+                        "map": maps.get(r.smiles),
                         "extrapolated": not low <= r.logs <= high,
                         "bar": r.bar(),
                     }

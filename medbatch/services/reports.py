@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -12,18 +13,26 @@ from core.settings import Settings
 from db.jobs import get_job
 from db.session import session_scope
 from medbatch.reports.ehr import render_ehr_report
-from medbatch.reports.screening import render_screening_report
+from medbatch.reports.screening import Explainer, render_screening_report
+from medbatch.services.explain import atom_contributions
 
 
 def write_report(
-    session: Session, job_id: int, out: Path, *, actor: str, patients: list[str] | None = None
+    session: Session,
+    job_id: int,
+    out: Path,
+    *,
+    actor: str,
+    patients: list[str] | None = None,
+    explain: Explainer | None = None,
 ) -> Path:
-    """Render the job's report to ``out`` (audited); ``patients`` are drawn in an EHR report."""
+    """Render the job's report to ``out`` (audited); ``patients`` are drawn in an EHR report;
+    ``explain`` gives a screening report's drawn molecules their atom contributions."""
     kind = get_job(session, job_id).kind
     if kind == JobKind.EHR_EXTRACT.value:
         return render_ehr_report(session, job_id, out, actor=actor, patients=patients)
     if kind == JobKind.CHEM_SCREEN.value:
-        return render_screening_report(session, job_id, out, actor=actor)
+        return render_screening_report(session, job_id, out, actor=actor, explain=explain)
     raise InputError(
         f"job {job_id} is a {kind} job; reports are made per screening job or EHR extract job"
     )
@@ -38,5 +47,9 @@ def render_report(
     patients: list[str] | None = None,
 ) -> Path:
     """``medbatch report JOB --out FILE``: the job's HTML report written to ``out``."""
+
+    def explain(smiles: Sequence[str]) -> list[list[float]]:
+        return atom_contributions(settings, smiles)
+
     with session_scope(settings.database_url) as session:
-        return write_report(session, job_id, out, actor=actor, patients=patients)
+        return write_report(session, job_id, out, actor=actor, patients=patients, explain=explain)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from rdkit import Chem, DataStructs
-from rdkit.Chem import rdFingerprintGenerator
+from rdkit.Chem import rdFingerprintGenerator, rdMolDescriptors
 
 from core.served_models import ServedModel
 from core.settings import Settings
@@ -36,6 +37,9 @@ from core.settings import Settings
 #: The fingerprint the domain compares: Morgan, radius 2, 2,048 bits (ECFP4-like).
 FP_RADIUS = 2
 FP_BITS = 2048
+#: An element symbol in a molecular formula (RDKit's, from C++: ten times faster than a Python
+#: loop over the atoms).
+_ELEMENT = re.compile(r"[A-Z][a-z]?")
 
 
 @cache
@@ -57,20 +61,31 @@ def domain_inputs(
     mol: Chem.Mol | str, radius: int = FP_RADIUS, bits: int = FP_BITS
 ) -> DomainInputs:
     """The domain inputs of an RDKit molecule (or of a SMILES, parsed here): its Morgan
-    fingerprint, its elements (hydrogens included when explicit), heavy atoms and fragments.
+    fingerprint, its elements (hydrogen included), heavy atoms and fragments.
 
-    Raises :class:`ValueError` if a SMILES does not parse."""
+    A SMILES is parsed without RDKit's full sanitisation (aromaticity perception and
+    kekulisation are ~90 % of a parse, and a canonical SMILES already says which atoms are
+    aromatic): only implicit valences and ring membership, which is what these inputs read.
+    For RDKit's canonical SMILES the result equals a sanitised parse (tested on the training
+    set and the NCI set). Raises :class:`ValueError` if a SMILES does not parse."""
     if isinstance(mol, str):
-        parsed = Chem.MolFromSmiles(mol)
-        if parsed is None:
-            raise ValueError(f"SMILES does not parse: {mol!r}")
-        mol = parsed
+        mol = _quick_parse(mol)
     return DomainInputs(
         fingerprint=_generator(radius, bits).GetFingerprint(mol),
-        elements=frozenset(atom.GetSymbol() for atom in mol.GetAtoms()),
+        elements=frozenset(_ELEMENT.findall(rdMolDescriptors.CalcMolFormula(mol))),
         heavy_atoms=mol.GetNumHeavyAtoms(),
         fragments=len(Chem.GetMolFrags(mol)),
     )
+
+
+def _quick_parse(smiles: str) -> Chem.Mol:
+    """A molecule from a (canonical) SMILES, with valences and rings but unsanitised."""
+    mol = Chem.MolFromSmiles(smiles, sanitize=False)
+    if mol is None:
+        raise ValueError(f"SMILES does not parse: {smiles!r}")
+    mol.UpdatePropertyCache(strict=False)
+    Chem.FastFindRings(mol)
+    return mol
 
 
 def nearest_similarity(

@@ -96,3 +96,32 @@ def test_every_export_carries_interval_and_domain(api: Api, tmp_path: Path) -> N
     for _, reason in OUT.values():
         assert reason in page
     assert 'class="iv"' in page  # interval bars
+    # The drawn molecules carry their atom contributions (similarity maps from the explainer).
+    assert page.count('<img src="data:image/png;base64,') == 2 * min(len(IN) + len(OUT), 8)
+
+
+def test_one_molecule_is_explained_atom_by_atom(api: Api, tmp_path: Path) -> None:
+    runner = CliRunner()
+    png = tmp_path / "octylphenol.png"
+    shown = runner.invoke(app, ["explain", "Oc1ccccc1CCCCCCCC", "--out", str(png)])
+    assert shown.exit_code == 0, shown.output
+    assert "atom contributions" in shown.output and "in_domain" in shown.output
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+    with api.client("read") as reader:
+        got = reader.get("/api/v1/molecules/explain", params={"smiles": "Oc1ccccc1CCCCCCCC"})
+        assert got.status_code == 200, got.text
+        body = got.json()
+        image = reader.get(
+            "/api/v1/molecules/explain", params={"smiles": "[Na+].[Cl-]", "format": "png"}
+        )
+        bad = reader.get("/api/v1/molecules/explain", params={"smiles": "C1CC("})
+    assert body["smiles"] == "CCCCCCCCc1ccccc1O" and body["in_domain"] is True
+    assert body["logS_lower"] < body["logS"] < body["logS_upper"] and body["logS_std"] > 0
+    atoms = body["atoms"]
+    assert [a["symbol"] for a in atoms] == ["C"] * 14 + ["O"]
+    oxygen = atoms[-1]["contribution"]
+    assert oxygen > 0 and oxygen > max(a["contribution"] for a in atoms[:8])  # OH vs the tail
+    assert body["similarity_map"].startswith("data:image/png;base64,")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert bad.status_code == 422 and "not a valid molecule" in bad.json()["detail"]

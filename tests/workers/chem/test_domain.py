@@ -79,7 +79,7 @@ def test_mol_and_smiles_give_the_same_inputs() -> None:
     mol = Chem.MolFromSmiles(DRUGS["caffeine"])
     a, b = domain_inputs(mol), domain_inputs(DRUGS["caffeine"])
     assert a.fingerprint == b.fingerprint
-    assert (a.elements, a.heavy_atoms, a.fragments) == ({"C", "N", "O"}, 14, 1)
+    assert (a.elements, a.heavy_atoms, a.fragments) == ({"C", "H", "N", "O"}, 14, 1)
     assert (a.elements, a.heavy_atoms, a.fragments) == (b.elements, b.heavy_atoms, b.fragments)
     with pytest.raises(ValueError, match="does not parse"):
         domain_inputs("C1CC(")
@@ -125,3 +125,24 @@ def test_the_committed_file_matches_the_registry_and_the_training_data() -> None
 def test_a_missing_file_says_how_to_rebuild_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="--applicability-only"):
         load_applicability(tmp_path / "applicability.json")
+
+
+def test_the_quick_parse_of_a_canonical_smiles_equals_a_sanitised_parse() -> None:
+    """The worker parses stored canonical SMILES without full sanitisation; the domain inputs
+    must be those of the sanitised molecule (training set and RDKit's NCI molecules)."""
+    from rdkit import RDConfig, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    smiles = json.loads(FILE.read_text())["domain"]["training_smiles"]
+    nci = (Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi").read_text().splitlines()[:2000]
+    for line in nci:
+        mol = Chem.MolFromSmiles(line.split()[0]) if line.strip() else None
+        if mol is not None:
+            smiles.append(Chem.MolToSmiles(mol))
+    assert len(smiles) > 2900
+    differ = []
+    for smi in smiles:
+        quick, full = domain_inputs(smi), domain_inputs(Chem.MolFromSmiles(smi))
+        if quick != full:
+            differ.append(smi)
+    assert differ == []
