@@ -35,8 +35,9 @@ class ServedModel:
     ``fields`` maps an output tensor to the name its value is stored and exported under (chem).
     ``derived`` are result fields the worker adds beside them, in export order, from the
     model's ``applicability_file`` (a JSON file in the model version directory, written by its
-    ``train.py``: the calibrated interval and the applicability domain). ``explainer`` is the
-    Triton model that gives per-atom contributions for the same inputs.
+    ``train.py``: the calibrated interval and the applicability domain); the interval is taken
+    around the first of ``fields`` and scaled, when normalised, by the second (its spread).
+    ``explainer`` is the Triton model that gives per-atom contributions for the same inputs.
     An EHR model reads ``variables`` (declared in ``ingest/ehr/schema.py``, in input order):
     over the latest ``max_visits`` visits when it is a sequence model, else each variable's
     latest value.

@@ -41,6 +41,7 @@ from workers.chem.domain import (
     FP_RADIUS,
     Applicability,
     conformal_quantile,
+    cover_order,
     domain_inputs,
 )
 from workers.chem.featurize import ATOM_FEATURES, BOND_FEATURES, MolGraph, mol_to_graph, pad_graphs
@@ -276,7 +277,8 @@ def applicability_file(
             "heavy_atoms": [min(heavy), max(heavy)],
             "max_fragments": max(i.fragments for i in inputs),
             "fingerprint": {"kind": "morgan", "radius": FP_RADIUS, "bits": FP_BITS},
-            "training_smiles": train_smiles,
+            # In greedy set-cover order at the threshold (workers.chem.domain.similar_enough).
+            "training_smiles": [train_smiles[i] for i in cover_order(fps, threshold)],
         },
     }
     grid = []

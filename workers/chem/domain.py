@@ -98,6 +98,55 @@ def nearest_similarity(
     return float(max(DataStructs.BulkTanimotoSimilarity(query, list(training))))
 
 
+#: Training molecules compared per bulk call while looking for one at or above the threshold.
+BLOCK = 64
+
+
+def similar_enough(
+    query: DataStructs.ExplicitBitVect,
+    training: Sequence[DataStructs.ExplicitBitVect],
+    threshold: float,
+) -> float | None:
+    """``None`` if some training molecule is at least ``threshold`` similar to ``query``, else
+    the similarity of the nearest one.
+
+    Why: the domain only needs the nearest similarity of a molecule that falls short. The
+    training file lists its molecules in greedy set-cover order (each next one is at least
+    ``threshold`` similar to the most molecules its predecessors did not reach,
+    :func:`cover_order`), so most in-domain molecules find a neighbour in the first block or
+    two: about a quarter of the comparisons of one bulk call over the whole set, same answer.
+    """
+    nearest = 0.0
+    for first in range(0, len(training), BLOCK):
+        block = training[first : first + BLOCK]
+        nearest = max(nearest, *DataStructs.BulkTanimotoSimilarity(query, list(block)))
+        if nearest >= threshold:
+            return None
+    return float(nearest)
+
+
+def cover_order(fingerprints: Sequence[DataStructs.ExplicitBitVect], threshold: float) -> list[int]:
+    """Indices of ``fingerprints`` in greedy set-cover order for :func:`similar_enough`: each
+    next one reaches (similarity ≥ ``threshold``) the most molecules not reached before; ties
+    and the rest by index."""
+    sims = np.asarray(
+        [DataStructs.BulkTanimotoSimilarity(fp, list(fingerprints)) for fp in fingerprints]
+    )
+    reach = sims >= threshold
+    covered = np.zeros(len(fingerprints), dtype=bool)
+    order: list[int] = []
+    free = np.ones(len(fingerprints), dtype=bool)
+    while free.any():
+        gains = np.where(free, (reach & ~covered[None, :]).sum(axis=1), -1)
+        best = int(np.argmax(gains))
+        if gains[best] <= 0:
+            break
+        order.append(best)
+        free[best] = False
+        covered |= reach[best]
+    return order + [int(i) for i in np.flatnonzero(free)]
+
+
 @dataclass(frozen=True)
 class Applicability:
     """The calibrated interval and the applicability domain of one model version."""
@@ -168,8 +217,10 @@ class Applicability:
                 f"size outside training range: {inputs.heavy_atoms} heavy atoms "
                 f"(training {low}–{high})"
             )
-        similarity = nearest_similarity(inputs.fingerprint, self.training_fingerprints)
-        if similarity < self.similarity_threshold:
+        similarity = similar_enough(
+            inputs.fingerprint, self.training_fingerprints, self.similarity_threshold
+        )
+        if similarity is not None:
             reasons.append(
                 f"nearest training molecule similarity {similarity:.2f} < "
                 f"{self.similarity_threshold:.2f}"

@@ -17,8 +17,11 @@ from workers.chem.domain import (
     Applicability,
     applicability_for,
     conformal_quantile,
+    cover_order,
     domain_inputs,
     load_applicability,
+    nearest_similarity,
+    similar_enough,
 )
 
 FILE = (
@@ -146,3 +149,34 @@ def test_the_quick_parse_of_a_canonical_smiles_equals_a_sanitised_parse() -> Non
         if quick != full:
             differ.append(smi)
     assert differ == []
+
+
+def test_the_early_exit_gives_the_full_scans_answer(app: Applicability) -> None:
+    """``similar_enough`` stops at the first block holding a neighbour above the threshold;
+    its verdict, and the similarity it reports when there is none, are the full scan's."""
+    from rdkit import RDConfig
+
+    nci = (Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi").read_text().splitlines()[:600]
+    queries = [s.split()[0] for s in nci if s.strip() and Chem.MolFromSmiles(s.split()[0])]
+    queries += list(DRUGS.values()) + [s for s, _ in OUTSIDE.values()]
+    short = 0
+    for smi in queries:
+        fp = domain_inputs(smi).fingerprint
+        full = nearest_similarity(fp, app.training_fingerprints)
+        got = similar_enough(fp, app.training_fingerprints, app.similarity_threshold)
+        if full >= app.similarity_threshold:
+            assert got is None, smi
+        else:
+            short += 1
+            assert got == pytest.approx(full, abs=1e-12), smi
+    assert short > 10  # both branches were exercised
+
+
+def test_cover_order_puts_the_molecule_reaching_most_first() -> None:
+    smiles = ("CCO", "CCCO", "CCCCO", "c1ccccc1", "CCCCCO", "Oc1ccccc1")
+    fps = [domain_inputs(s).fingerprint for s in smiles]
+    # At 0.5, propanol reaches the four alcohols; benzene and phenol (0.27) only themselves;
+    # then the rest, already reached, by index.
+    assert cover_order(fps, 0.5) == [1, 3, 5, 0, 2, 4]
+    # At 0.3, ethanol reaches the four alcohols too: ties go to the lower index.
+    assert cover_order(fps, 0.3) == [0, 3, 5, 1, 2, 4]
