@@ -467,7 +467,10 @@ by the workers (`workers/chem/domain.py`).
 training file. Each of the {cal["n"]} training molecules is therefore held out from one member,
 and that member's absolute error is its conformal score (cross-conformal calibration, no
 retraining, the test file untouched). The interval is logS ± {app["interval"]["quantile"]:.3f}
-(the ⌈0.9·(n+1)⌉-th smallest score). Normalising the score by the members' spread was measured
+(the ⌈0.9·(n+1)⌉-th smallest score). Two caveats, both checked by the test-set coverage below:
+member *k* chose its best epoch on fold *k*, which makes its errors there slightly optimistic,
+and one member errs more than the five-member mean that is served, which widens the interval.
+Normalising the score by the members' spread was measured
 and not chosen: on a training molecule four of the five members trained on it, so its spread is
 smaller than on a new molecule and the quantile does not transfer; on the test set the
 normalised variant covers {100 * norm["coverage"]:.1f} % with a mean width of
@@ -478,7 +481,9 @@ normalised variant covers {100 * norm["coverage"]:.1f} % with a mean width of
 ({", ".join(domain["elements"])}), it has at most {domain["max_fragments"]} fragment (no salts
 or mixtures), {low}–{high} heavy atoms, and a Tanimoto similarity (Morgan radius
 {domain["fingerprint"]["radius"]}, {domain["fingerprint"]["bits"]} bits, RDKit's
-`BulkTanimotoSimilarity` over all {cal["n"]} training molecules) to its nearest training
+`BulkTanimotoSimilarity` over the {cal["n"]} training molecules, listed in greedy set-cover
+order so that the search can stop at the first block holding a neighbour above the threshold)
+to its nearest training
 molecule of at least **{domain["similarity_threshold"]:.2f}**: the
 {domain["similarity_percentile"]:g}th percentile of the calibration molecules' similarity to the
 nearest molecule their held-out member trained on, so 95 % of molecules like the training data
