@@ -133,15 +133,15 @@ def test_a_missing_file_says_how_to_rebuild_it(tmp_path: Path) -> None:
 def test_the_quick_parse_of_a_canonical_smiles_equals_a_sanitised_parse() -> None:
     """The worker parses stored canonical SMILES without full sanitisation; the domain inputs
     must be those of the sanitised molecule (training set and RDKit's NCI molecules)."""
-    from rdkit import RDConfig, RDLogger
+    from rdkit import RDConfig, rdBase
 
-    RDLogger.DisableLog("rdApp.*")
     smiles = json.loads(FILE.read_text())["domain"]["training_smiles"]
     nci = (Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi").read_text().splitlines()[:2000]
-    for line in nci:
-        mol = Chem.MolFromSmiles(line.split()[0]) if line.strip() else None
-        if mol is not None:
-            smiles.append(Chem.MolToSmiles(mol))
+    with rdBase.BlockLogs():  # scoped: ingest's capture of RDKit's messages must keep working
+        for line in nci:
+            mol = Chem.MolFromSmiles(line.split()[0]) if line.strip() else None
+            if mol is not None:
+                smiles.append(Chem.MolToSmiles(mol))
     assert len(smiles) > 2900
     differ = []
     for smi in smiles:
@@ -154,10 +154,11 @@ def test_the_quick_parse_of_a_canonical_smiles_equals_a_sanitised_parse() -> Non
 def test_the_early_exit_gives_the_full_scans_answer(app: Applicability) -> None:
     """``similar_enough`` stops at the first block holding a neighbour above the threshold;
     its verdict, and the similarity it reports when there is none, are the full scan's."""
-    from rdkit import RDConfig
+    from rdkit import RDConfig, rdBase
 
     nci = (Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi").read_text().splitlines()[:600]
-    queries = [s.split()[0] for s in nci if s.strip() and Chem.MolFromSmiles(s.split()[0])]
+    with rdBase.BlockLogs():
+        queries = [s.split()[0] for s in nci if s.strip() and Chem.MolFromSmiles(s.split()[0])]
     queries += list(DRUGS.values()) + [s for s, _ in OUTSIDE.values()]
     short = 0
     for smi in queries:
