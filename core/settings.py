@@ -232,7 +232,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
-        """Default the database to SQLite inside storage_dir."""
+        """Default the database to SQLite inside storage_dir; refuse a storage URL that is
+        neither a directory nor s3:// (a typo must not become a folder named 'gs:')."""
+        if "://" in self.storage_url and not self.storage_url.startswith(("s3://", "file://")):
+            raise ValueError(
+                f"MEDBATCH_STORAGE_URL={self.storage_url!r}: use a local directory, file:///path "
+                "or s3://bucket/prefix (any S3-compatible store, with MEDBATCH_S3_ENDPOINT_URL)"
+            )
+        if self.storage_is_remote and len(self.storage_url.rstrip("/")) <= len("s3://"):
+            raise ValueError("MEDBATCH_STORAGE_URL=s3:// needs a bucket: s3://bucket/prefix")
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.storage_dir / 'medbatch.db').resolve()}"
         return self
