@@ -564,6 +564,7 @@ def main() -> None:
     for col in (
         "sender/assocs/db/storage",
         "medbatch/s",
+        "s3 / local",
         "storescp/s",
         "ratio",
         "orthanc/s",
@@ -577,6 +578,7 @@ def main() -> None:
         table.add_row(
             f"{r['sender']}/{r['associations']}/{r['database']}/{r['storage']}",
             f"{r['medbatch_instances_per_s']:.0f}",
+            f"{r['ratio_vs_local_storage']:.2f}×",
             f"{r['storescp_instances_per_s']:.0f}",
             f"{r['ratio_vs_storescp']:.2f}×",
             f"{r['orthanc_instances_per_s']:.0f}",

@@ -33,6 +33,7 @@ from ingest.dicom.validate import STATUS_OUT_OF_RESOURCES
 from ingest.ehr.reader import read_extract
 from ingest.ehr.submit import submit_extract
 from medbatch.cli import app
+from medbatch.stack import probes
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import port_open
 from medbatch.stack.s3_server import S3Server
@@ -222,6 +223,8 @@ def test_store_down_during_c_store_answers_a700_and_registers_nothing(
     ds = pydicom.dcmread(path)
     s3.stop()
     try:
+        down = probes.storage(s)  # what `medbatch status` and /readyz report meanwhile
+        assert not down.ok and "did not answer" in down.detail
         assoc = associate(s)
         assert assoc.is_established
         status = assoc.send_c_store(ds)

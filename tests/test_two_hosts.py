@@ -23,10 +23,12 @@ from ingest.chem.submit import submit_library
 from ingest.ehr.reader import read_extract
 from ingest.ehr.submit import submit_extract
 from medbatch.services.dicomweb import retrieve
+from medbatch.services.health import stack_status
 from medbatch.services.studies import key_image_png
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import free_port
 from medbatch.stack.s3_server import S3Server
+from medbatch.stack.state import PartKind
 from medbatch.stack.worker_process import use_settings
 from medbatch.synth.ehr import write_long_csv
 from tests.conftest import _drop_pg_database, _fresh_pg_database, make_settings
@@ -143,6 +145,10 @@ def test_three_flows_across_two_hosts(hosts: Hosts, tmp_path: Path, nci_smiles: 
 
     screen_job = wait_for_job(a, screen.job_id, timeout=300)
     assert screen_job.state == JobState.DONE.value, screen_job.error
+
+    # host A's status names the shared store as a required part, answering
+    (storage,) = [p for p in stack_status(a).parts if p.kind is PartKind.STORAGE]
+    assert storage.ok and storage.required and storage.detail == a.storage_url
 
     # nothing kept lives on either host's disk: only in the shared store
     assert _objects_on_disk(a) == [] and _objects_on_disk(b) == []
