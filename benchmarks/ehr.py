@@ -261,6 +261,15 @@ def main() -> None:
                 f"scale-out: 2 workers / 1 worker = "
                 f"{twos['medbatch_rows_per_s'] / ones['medbatch_rows_per_s']:.2f}×"
             )
+    for n in {w.split("-")[0] for w in results}:
+        local, on_s3 = results.get(n), results.get(f"{n}-s3")
+        if local and on_s3:
+            ingest = on_s3["median"]["ingest_rows_per_s"] / local["median"]["ingest_rows_per_s"]
+            console.print(
+                f"storage, {n} worker(s): S3 / local directory = "
+                f"{on_s3['medbatch_rows_per_s'] / local['medbatch_rows_per_s']:.2f}× end to end, "
+                f"{ingest:.2f}× ingest (the spill's buckets stored in S3)"
+            )
     for n_workers, result in results.items():
         for name, summary in result["profile_top_frames"].items():
             frames = "; ".join(

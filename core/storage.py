@@ -182,12 +182,10 @@ class Storage(ABC):
         below = self.keys(key)
         if not below:  # a single object
             return self.fetch(key, scratch_dir)
-        root = scratch_dir / uuid.uuid4().hex / key.rsplit("/", 1)[-1]
+        root = scratch_dir / uuid.uuid4().hex
         for k in below:
-            target = root / k[len(key) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.get(k))
-        return root
+            self.fetch(k, root)
+        return root / key
 
 
 class LocalStorage(Storage):
@@ -338,9 +336,18 @@ class S3Storage(Storage):
             raise self._failed("read", key, exc) from exc
 
     def fetch(self, key: str, scratch_dir: Path) -> Path:
+        """Streamed to the file in chunks (a multi-GB extract never sits in memory)."""
+        import obstore
+
         target = scratch_dir / _check_key(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(self.get(key))
+        try:
+            with target.open("wb") as fh:
+                for chunk in obstore.get(self._store, key).stream(min_chunk_size=8 << 20):
+                    fh.write(memoryview(chunk))
+        except Exception as exc:
+            target.unlink(missing_ok=True)
+            raise self._failed("read", key, exc) from exc
         return target
 
     def exists(self, key: str) -> bool:
