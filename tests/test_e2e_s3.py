@@ -73,6 +73,7 @@ def s3_stack(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         storage_url=s3.url("site-a"),
         s3_endpoint_url=s3.endpoint_url,
         s3_timeout_s=5.0,
+        dicom_listener_processes=2,  # the helper process stores through the bucket too
         triton_retry_base_s=0.5,
         triton_retry_max_s=1.0,
         triton_max_retries=3,
