@@ -4,6 +4,7 @@ pyarrow's raw parse of the same file (the limit: reading the CSV as strings and 
     python -m benchmarks.ehr                  # 1 worker process, then 2 (scale-out)
     python -m benchmarks.ehr --workers 1      # one configuration only
     python -m benchmarks.ehr --quick          # a smoke run (200k rows, 1 rep)
+    python -m benchmarks.ehr --storage local,s3   # storage in a directory and in S3 (SeaweedFS)
 
 medbatch's side is the real path: ``submit_extract`` → Redis → a Celery worker streams and
 validates the file, spills patients into buckets → one scoring job per bucket → Triton (both
@@ -154,7 +155,16 @@ def main() -> None:
         "--profile", action="store_true", help="one more run per configuration under py-spy"
     )
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument(
+        "--storage",
+        default="local",
+        help="comma-separated: local (a directory) and/or s3 (SeaweedFS on loopback); with s3 "
+        "the extract, its buckets and their reads go through the object store",
+    )
     args = parser.parse_args()
+    storages = [x.strip() for x in args.storage.split(",") if x.strip()]
+    if not storages or not set(storages) <= {"local", "s3"}:
+        raise SystemExit("--storage: local and/or s3")
 
     from rich.console import Console
     from rich.table import Table
@@ -173,11 +183,25 @@ def main() -> None:
     reps = 1 if args.quick else args.reps
     console.print(f"{extract.name}: {rows:,} rows, {extract.stat().st_size / 1e6:.0f} MB")
 
+    s3 = None
+    if "s3" in storages:
+        import atexit
+
+        from medbatch.stack.s3_server import S3Server
+
+        s3 = S3Server(Path(tempfile.mkdtemp(prefix="medbatch-bench-s3-"))).start()
+        atexit.register(s3.stop)
+        os.environ.update(s3.env())
     results: dict[str, Any] = {}
-    for n_workers in [int(w) for w in args.workers.split(",")]:
+    configs = [(int(w), st) for w in args.workers.split(",") for st in storages]
+    for n_workers, storage in configs:
         with tempfile.TemporaryDirectory() as tmp:
             settings = Settings(
                 storage_dir=Path(tmp),
+                storage_url=s3.url(f"bench-{tmp.rsplit('/', 1)[-1]}")
+                if storage == "s3" and s3
+                else "",
+                s3_endpoint_url=s3.endpoint_url if storage == "s3" and s3 else "",
                 database_url=f"sqlite:///{tmp}/medbatch.db",
                 broker_url=f"redis://127.0.0.1:{free_port()}/0",
                 triton_http_port=free_port(),
@@ -197,7 +221,7 @@ def main() -> None:
                     runs.append(medbatch_run(settings, extract))
                 profile = _profiled_run(stack, settings, extract) if args.profile else {}
         med = {k: median([r[k] for r in runs]) for k in runs[0]}
-        results[str(n_workers)] = {
+        results[f"{n_workers}" + ("-s3" if storage == "s3" else "")] = {
             "runs": runs,
             "profile_top_frames": profile,
             "median": med,
@@ -236,6 +260,15 @@ def main() -> None:
             console.print(
                 f"scale-out: 2 workers / 1 worker = "
                 f"{twos['medbatch_rows_per_s'] / ones['medbatch_rows_per_s']:.2f}×"
+            )
+    for n in {w.split("-")[0] for w in results}:
+        local, on_s3 = results.get(n), results.get(f"{n}-s3")
+        if local and on_s3:
+            ingest = on_s3["median"]["ingest_rows_per_s"] / local["median"]["ingest_rows_per_s"]
+            console.print(
+                f"storage, {n} worker(s): S3 / local directory = "
+                f"{on_s3['medbatch_rows_per_s'] / local['medbatch_rows_per_s']:.2f}× end to end, "
+                f"{ingest:.2f}× ingest (the spill's buckets stored in S3)"
             )
     for n_workers, result in results.items():
         for name, summary in result["profile_top_frames"].items():

@@ -16,13 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from celery import Task
 from sqlalchemy import func, select
 
-from core.errors import InferenceError, InferenceUnavailableError
+from core.errors import (
+    InferenceError,
+    InferenceUnavailableError,
+    StorageError,
+    StorageUnavailableError,
+)
 from core.job_kinds import JobKind
 from core.model_registry import served_model
 from core.settings import Settings
+from core.storage import storage_for
 from db import audit
 from db.insert_ignore import insert_ignore
 from db.models import EhrScore, JobState, utcnow
@@ -185,7 +192,7 @@ class _Pipeline:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _groups(path: Path, size: int) -> Iterator[list[Patient]]:
+def _groups(path: Path | pa.Buffer, size: int) -> Iterator[list[Patient]]:
     group: list[Patient] = []
     for patient in patients(read_bucket(path)):
         group.append(patient)
@@ -196,19 +203,47 @@ def _groups(path: Path, size: int) -> Iterator[list[Patient]]:
         yield group
 
 
+def _bucket(settings: Settings, spool: str) -> Path | pa.Buffer | None:
+    """The bucket a batch job names: its file (local storage; an absolute path in jobs queued
+    before storage keys), or its bytes from a shared store; None when it is gone. An
+    unreachable store raises StorageUnavailableError (the job waits and retries)."""
+    storage = storage_for(settings)
+    local = Path(spool) if Path(spool).is_absolute() else storage.local_path(spool)
+    if local is not None:
+        return local if local.is_file() else None
+    try:
+        return pa.py_buffer(storage.get(spool))
+    except StorageUnavailableError:
+        raise
+    except StorageError:
+        return None
+
+
+def _drop_bucket(settings: Settings, spool: str) -> None:
+    """A scored bucket is not needed again (a rescore spills the extract anew)."""
+    if Path(spool).is_absolute():
+        Path(spool).unlink(missing_ok=True)
+        return
+    try:
+        storage_for(settings).delete(spool)
+    except StorageError as exc:  # an orphan bucket costs space, not correctness
+        log.warning("could not delete a scored EHR bucket: %s", exc)
+
+
 @job_task(JobKind.EHR_BATCH)
 def score_batch(self: Task, job_id: int, settings: Settings) -> str:
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job
-    path = Path(job.params["spool_file"])
-    if not path.is_file():
+    spool = str(job.params["spool_file"])
+    path = _bucket(settings, spool)
+    if path is None:
         close(
             job,
             JobState.FAILED,
             settings,
-            error=f"the patients of this batch ({path.name}) are gone from the spool directory; "
-            "submit the extract again with `medbatch ehr FILE --force`",
+            error=f"the patients of this batch ({spool.rsplit('/', 1)[-1]}) are gone from "
+            "storage; submit the extract again with `medbatch ehr FILE --force`",
         )
         return "failed"
     reset_peak_rss()
@@ -253,6 +288,6 @@ def score_batch(self: Task, job_id: int, settings: Settings) -> str:
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     close(job, JobState.DONE, settings, summary=summary)
-    path.unlink(missing_ok=True)
+    _drop_bucket(settings, spool)
     log.info("ehr batch job %s: %d patients scored", job_id, n_patients)
     return "done"
