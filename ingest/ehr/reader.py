@@ -44,7 +44,6 @@ from ingest.ehr.schema import (
 from ingest.text import open_text, read_first_line
 
 _NUMBER = r"^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*$"
-_TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 
 
 class _LineTracker:
@@ -125,24 +124,73 @@ def _utc(stamp: datetime) -> np.datetime64:
     return np.datetime64(stamp, "us")
 
 
+#: The ISO 8601 forms :func:`ingest.ehr.schema.parse_timestamp` accepts, split into parts: a
+#: date, optionally a time (``T`` or a blank between) with seconds, a fraction and a UTC offset.
+#: A date alone with an offset is left to the per-row path (Python reads ``2024-03-05+02:00`` as
+#: 02:00 that day, and the reference semantics are Python's).
+_ISO_PARTS = (
+    r"^(?P<date>\d{4}-\d{2}-\d{2})"
+    r"(?:[T ](?P<hm>\d{2}:\d{2})(?::(?P<sec>\d{2})(?:\.(?P<frac>\d{1,6}))?)?"
+    r"(?P<tz>Z|[+-]\d{2}:?\d{2})?)?$"
+)
+_US = 1_000_000
+
+
+def _parse_distinct(stamps: pa.Array) -> npt.NDArray[np.datetime64]:
+    """Distinct, trimmed ISO 8601 strings → datetime64[us], offsets normalised to UTC; NaT where
+    the vectorised forms do not fit (the per-row reference decides those)."""
+    parts = pc.extract_regex(stamps, _ISO_PARTS)  # null where no form fits
+    matched = parts.is_valid().to_numpy(zero_copy_only=False)
+    parts = pc.if_else(
+        parts.is_valid(),
+        parts,
+        pa.scalar({"date": "", "hm": "", "sec": "", "frac": "", "tz": ""}, parts.type),
+    )
+    hm = parts.field("hm")
+    has_time = pc.greater(pc.utf8_length(hm), 0)
+    sec = parts.field("sec")
+    sec = pc.if_else(pc.equal(pc.utf8_length(sec), 0), "00", sec)
+    time = pc.if_else(has_time, pc.binary_join_element_wise(hm, sec, ":"), "00:00:00")
+    base = pc.binary_join_element_wise(parts.field("date"), time, "T")
+    fmt = "%Y-%m-%dT%H:%M:%S"
+    # unit "s": strftime then prints whole seconds, so the round trip below is exact;
+    # strptime rolls impossible dates over (Feb 30 → Mar 2, 24:00): keep exact round trips only.
+    parsed = pc.strptime(base, format=fmt, unit="s", error_is_null=True)
+    exact = pc.fill_null(pc.equal(pc.strftime(parsed, format=fmt), base), False)
+    seconds = pc.fill_null(pc.cast(parsed, pa.int64()), 0).to_numpy(zero_copy_only=False)
+    frac = pc.utf8_rpad(parts.field("frac"), 6, "0")
+    micros = pc.cast(frac, pa.int64()).to_numpy(zero_copy_only=False)
+    tz = parts.field("tz")
+    tz_digits = pc.replace_substring(tz, ":", "")  # ±hhmm, or Z
+    digits = pc.if_else(pc.equal(tz, "Z"), "", tz_digits)
+    off_h = _int_text(pc.utf8_slice_codeunits(digits, 1, 3))
+    off_m = _int_text(pc.utf8_slice_codeunits(digits, 3, 5))
+    west = pc.starts_with(digits, "-").to_numpy(zero_copy_only=False)
+    offset = np.where(west, -1, 1) * (off_h * 3600 + off_m * 60)
+    ok = matched & exact.to_numpy(zero_copy_only=False) & (off_h < 24) & (off_m < 60)
+    us = (seconds - offset) * _US + micros
+    out = np.full(len(stamps), np.datetime64("NaT"), dtype="datetime64[us]")
+    out[ok] = us[ok].astype("datetime64[us]")
+    return out
+
+
+def _int_text(text: pa.Array) -> npt.NDArray[np.int64]:
+    """A column of digit strings as integers, 0 where empty."""
+    text = pc.if_else(pc.equal(pc.utf8_length(text), 0), "0", text)
+    return pc.cast(text, pa.int64()).to_numpy(zero_copy_only=False)
+
+
 def _parse_times(text: pa.Array) -> npt.NDArray[np.datetime64]:
-    """ISO 8601 column → datetime64[us]; NaT where no vectorised format fits (checked later).
+    """ISO 8601 column → datetime64[us] (UTC where an offset or ``Z`` is given); NaT where no
+    vectorised form fits (the per-row check decides those rows later).
 
     Each distinct string is parsed once: a visit's measurements share one timestamp, so a block
-    holds ~10× fewer distinct stamps than rows, and parsing (strptime + the strftime round trip,
-    per format) was most of the ingest's time.
+    holds ~10× fewer distinct stamps than rows, and parsing was most of the ingest's time. The
+    forms with an offset (``2023-01-27T19:00:00+02:00``, ``…Z``), a fraction of a second or
+    without seconds take this path too: most modern exports write them.
     """
     encoded = pc.dictionary_encode(pc.utf8_trim_whitespace(text))
-    stripped = encoded.dictionary
-    out = pa.nulls(len(stripped), pa.timestamp("s"))
-    for fmt in _TIME_FORMATS:
-        # unit "s": strftime then prints whole seconds, so the round trip below is exact.
-        parsed = pc.strptime(stripped, format=fmt, unit="s", error_is_null=True)
-        # strptime rolls impossible dates over (Feb 30 → Mar 2): keep only exact round trips.
-        exact = pc.equal(pc.strftime(parsed, format=fmt), stripped)
-        out = pc.coalesce(out, pc.if_else(exact, parsed, None))
-    times = pc.take(pc.cast(out, pa.timestamp("us")), encoded.indices)
-    return times.to_numpy(zero_copy_only=False)
+    return _parse_distinct(encoded.dictionary)[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 def _present(pid: pa.Array) -> npt.NDArray[np.bool_]:
@@ -197,7 +245,7 @@ def _check_block(table: pa.Table, first_line: int, tracker: _LineTracker) -> tup
     bad = np.flatnonzero(~ok)
     if len(bad):
         # Rejected rows are few: the reference checks give each its exact reason (and accept the
-        # rare valid row no vectorised time format covers, such as a UTC offset).
+        # rare valid row no vectorised time form covers, such as a date with an offset).
         rows = table.take(pa.array(bad)).to_pylist()
         rescued: list[int] = []
         rescued_times: list[np.datetime64] = []
@@ -247,7 +295,7 @@ def _check_wide_block(
         ok &= empty | (number_ok & np.isfinite(canonical) & _in_range(canonical, v))
         cells.append((~empty, canonical))
     bad = np.flatnonzero(~ok)
-    if len(bad):  # exact reasons from the reference check; offsets and the like rescued
+    if len(bad):  # exact reasons from the reference check; rare valid forms rescued
         for i, fields in zip(bad, table.take(pa.array(bad)).to_pylist(), strict=True):
             try:
                 check([fields[c] or "" for c in table.column_names])
