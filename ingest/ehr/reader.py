@@ -124,60 +124,116 @@ def _utc(stamp: datetime) -> np.datetime64:
     return np.datetime64(stamp, "us")
 
 
-#: The ISO 8601 forms :func:`ingest.ehr.schema.parse_timestamp` accepts, split into parts: a
-#: date, optionally a time (``T`` or a blank between) with seconds, a fraction and a UTC offset.
-#: A date alone with an offset is left to the per-row path (Python reads ``2024-03-05+02:00`` as
-#: 02:00 that day, and the reference semantics are Python's).
-_ISO_PARTS = (
-    r"^(?P<date>\d{4}-\d{2}-\d{2})"
-    r"(?:[T ](?P<hm>\d{2}:\d{2})(?::(?P<sec>\d{2})(?:\.(?P<frac>\d{1,6}))?)?"
-    r"(?P<tz>Z|[+-]\d{2}:?\d{2})?)?$"
-)
+#: Longest stamp the vectorised path reads: ``2024-03-05T08:42:00.123456+05:30`` is 32 bytes.
+_STAMP_BYTES = 32
 _US = 1_000_000
+
+
+def _byte_matrix(strings: pa.Array) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """Each string's first :data:`_STAMP_BYTES` bytes as a row (0-padded), and its length; a
+    gather over Arrow's buffers, no Python object per string."""
+    wide = pa.types.is_large_string(strings.type)
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64 if wide else np.int32)[
+        strings.offset : strings.offset + len(strings) + 1
+    ].astype(np.int64)
+    data = strings.buffers()[2]
+    flat = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(1, np.uint8)
+    flat = np.r_[flat, np.uint8(0)]  # one zero byte to point past-the-end reads at
+    lengths = np.diff(offsets)
+    pos = offsets[:-1, None] + np.arange(_STAMP_BYTES)
+    inside = np.arange(_STAMP_BYTES) < lengths[:, None]
+    return np.where(inside, flat[np.where(inside, pos, len(flat) - 1)], 0).astype(np.uint8), lengths
 
 
 def _parse_distinct(stamps: pa.Array) -> npt.NDArray[np.datetime64]:
     """Distinct, trimmed ISO 8601 strings → datetime64[us], offsets normalised to UTC; NaT where
-    the vectorised forms do not fit (the per-row reference decides those)."""
-    parts = pc.extract_regex(stamps, _ISO_PARTS)  # null where no form fits
-    matched = parts.is_valid().to_numpy(zero_copy_only=False)
-    parts = pc.if_else(
-        parts.is_valid(),
-        parts,
-        pa.scalar({"date": "", "hm": "", "sec": "", "frac": "", "tz": ""}, parts.type),
+    the vectorised forms do not fit (the per-row reference decides those rows).
+
+    The forms are those :func:`ingest.ehr.schema.parse_timestamp` accepts: ``YYYY-MM-DD``, then
+    optionally ``T`` or a blank, ``hh:mm``, ``:ss``, ``.f`` (1–6 digits) and an offset (``Z``,
+    ``±hh:mm``, ``±hhmm``). Read by byte position on a matrix of the strings and checked by
+    number (month, days in that month, hours, minutes, seconds, offset), with no strptime and no
+    strftime round trip (which cost a second per 300k stamps). A date alone with an offset is
+    left to the per-row path: Python reads ``2024-03-05+02:00`` as 02:00 that day, and the
+    reference semantics are Python's.
+    """
+    n = len(stamps)
+    c, length = _byte_matrix(stamps)
+    rows = np.arange(n)
+    digit = (c >= 48) & (c <= 57)
+    value = c.astype(np.int64) - 48
+
+    def num(start: int, width: int) -> npt.NDArray[np.int64]:
+        out = np.zeros(n, dtype=np.int64)
+        for k in range(start, start + width):
+            out = out * 10 + value[:, k]
+        return out
+
+    def digits(start: int, width: int) -> npt.NDArray[np.bool_]:
+        return np.all(digit[:, start : start + width], axis=1)
+
+    ok = (length >= 10) & (length <= _STAMP_BYTES)
+    ok &= digits(0, 4) & (c[:, 4] == ord("-")) & digits(5, 2) & (c[:, 7] == ord("-"))
+    ok &= digits(8, 2)
+    date_only = length == 10
+    timed = (
+        ((c[:, 10] == ord("T")) | (c[:, 10] == ord(" ")))
+        & digits(11, 2)
+        & (c[:, 13] == ord(":"))
+        & digits(14, 2)
     )
-    hm = parts.field("hm")
-    has_time = pc.greater(pc.utf8_length(hm), 0)
-    sec = parts.field("sec")
-    sec = pc.if_else(pc.equal(pc.utf8_length(sec), 0), "00", sec)
-    time = pc.if_else(has_time, pc.binary_join_element_wise(hm, sec, ":"), "00:00:00")
-    base = pc.binary_join_element_wise(parts.field("date"), time, "T")
-    fmt = "%Y-%m-%dT%H:%M:%S"
-    # unit "s": strftime then prints whole seconds, so the round trip below is exact;
-    # strptime rolls impossible dates over (Feb 30 → Mar 2, 24:00): keep exact round trips only.
-    parsed = pc.strptime(base, format=fmt, unit="s", error_is_null=True)
-    exact = pc.fill_null(pc.equal(pc.strftime(parsed, format=fmt), base), False)
-    seconds = pc.fill_null(pc.cast(parsed, pa.int64()), 0).to_numpy(zero_copy_only=False)
-    frac = pc.utf8_rpad(parts.field("frac"), 6, "0")
-    micros = pc.cast(frac, pa.int64()).to_numpy(zero_copy_only=False)
-    tz = parts.field("tz")
-    tz_digits = pc.replace_substring(tz, ":", "")  # ±hhmm, or Z
-    digits = pc.if_else(pc.equal(tz, "Z"), "", tz_digits)
-    off_h = _int_text(pc.utf8_slice_codeunits(digits, 1, 3))
-    off_m = _int_text(pc.utf8_slice_codeunits(digits, 3, 5))
-    west = pc.starts_with(digits, "-").to_numpy(zero_copy_only=False)
-    offset = np.where(west, -1, 1) * (off_h * 3600 + off_m * 60)
-    ok = matched & exact.to_numpy(zero_copy_only=False) & (off_h < 24) & (off_m < 60)
-    us = (seconds - offset) * _US + micros
-    out = np.full(len(stamps), np.datetime64("NaT"), dtype="datetime64[us]")
-    out[ok] = us[ok].astype("datetime64[us]")
-    return out
+    ok &= date_only | timed
+    # seconds, a fraction, an offset: positions vary, so read them at each row's own cursor
+    has_sec = timed & (c[:, 16] == ord(":")) & digits(17, 2)
+    cursor = np.where(has_sec, 19, 16)
+    has_frac = has_sec & (c[:, 19] == ord("."))
+    frac_digits = np.zeros(n, dtype=np.int64)
+    micros = np.zeros(n, dtype=np.int64)
+    running = has_frac.copy()
+    for k in range(6):
+        at = np.minimum(20 + k, _STAMP_BYTES - 1)
+        running &= digit[:, at] & (20 + k < length)
+        frac_digits += running
+        micros += np.where(running, value[:, at] * 10 ** (5 - k), 0)
+    ok &= ~has_frac | (frac_digits >= 1)
+    cursor = np.where(has_frac, 20 + frac_digits, cursor)
+    at = np.minimum(cursor[:, None] + np.arange(6), _STAMP_BYTES - 1)
+    t = c[rows[:, None], at]
+    t_digit = digit[rows[:, None], at]
+    t_value = value[rows[:, None], at]
+    rest = length - cursor
+    no_tz = rest == 0
+    zulu = (rest == 1) & (t[:, 0] == ord("Z"))
+    signed = (t[:, 0] == ord("+")) | (t[:, 0] == ord("-"))
+    colon = signed & (rest == 6) & t_digit[:, 1] & t_digit[:, 2] & (t[:, 3] == ord(":"))
+    colon &= t_digit[:, 4] & t_digit[:, 5]
+    plain = signed & (rest == 5) & np.all(t_digit[:, 1:5], axis=1)
+    off_h = t_value[:, 1] * 10 + t_value[:, 2]
+    off_m = np.where(colon, t_value[:, 4] * 10 + t_value[:, 5], t_value[:, 3] * 10 + t_value[:, 4])
+    with_offset = colon | plain
+    ok &= np.where(date_only, True, no_tz | zulu | with_offset)
+    ok &= ~with_offset | ((off_h < 24) & (off_m < 60))
+
+    year, month, day = num(0, 4), num(5, 2), num(8, 2)
+    hour = np.where(timed, num(11, 2), 0)
+    minute = np.where(timed, num(14, 2), 0)
+    second = np.where(has_sec, num(17, 2), 0)
+    ok &= (year >= 1) & (month >= 1) & (month <= 12) & (hour < 24) & (minute < 60)
+    ok &= second < 60
+    months = np.where(ok, (year - 1970) * 12 + month - 1, 0).astype("datetime64[M]")
+    first = months.astype("datetime64[D]").astype(np.int64)
+    in_month = (months + 1).astype("datetime64[D]").astype(np.int64) - first
+    ok &= (day >= 1) & (day <= in_month)
+    offset = np.where(with_offset, np.where(t[:, 0] == ord("-"), -1, 1) * (off_h * 60 + off_m), 0)
+    seconds = (first + day - 1) * 86400 + hour * 3600 + (minute - offset) * 60 + second
+    us = seconds * _US + micros
+    # the reference cannot shift a stamp out of years 1–9999 (Python's datetime): per row
+    ok &= (us >= _FIRST_US) & (us < _END_US)
+    return np.where(ok, us, np.iinfo(np.int64).min).astype("datetime64[us]")
 
 
-def _int_text(text: pa.Array) -> npt.NDArray[np.int64]:
-    """A column of digit strings as integers, 0 where empty."""
-    text = pc.if_else(pc.equal(pc.utf8_length(text), 0), "0", text)
-    return pc.cast(text, pa.int64()).to_numpy(zero_copy_only=False)
+_FIRST_US = int(np.datetime64("0001-01-01T00:00:00", "us").astype(np.int64))
+_END_US = int(np.datetime64("10000-01-01T00:00:00", "us").astype(np.int64))
 
 
 def _parse_times(text: pa.Array) -> npt.NDArray[np.datetime64]:
