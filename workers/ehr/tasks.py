@@ -24,7 +24,7 @@ from core.job_kinds import JobKind
 from core.model_registry import served_model
 from core.settings import Settings
 from db import audit
-from db.insert_ignore import insert_ignore
+from db.ehr_results import insert_scores
 from db.models import EhrScore, JobState, utcnow
 from db.session import session_scope
 from ingest.ehr.spill import read_bucket
@@ -168,9 +168,7 @@ class _Pipeline:
         for row in rows:
             row.update(extract_id=self.job.parent_id, job_id=self.job.job_id, created_at=now)
         with session_scope(self.settings.database_url) as session:
-            self.stored += insert_ignore(
-                session, EhrScore, rows, ("extract_id", "patient_id", "model_name")
-            )
+            self.stored += insert_scores(session, rows)
         self.seconds["store"] += time.perf_counter() - t0
         return None
 
