@@ -51,9 +51,8 @@ def insert_scores(session: Session, rows: Sequence[dict[str, Any]]) -> int:
 
     The rows go to the driver as columns converted once per column by the columns' own
     SQLAlchemy types (JSON by the engine's serialiser, timestamps as the dialect stores them),
-    not through a per-row compiled statement: on PostgreSQL by ``COPY`` into a temporary table,
-    then one ``INSERT … SELECT … ON CONFLICT DO NOTHING``; on SQLite by one ``executemany`` of
-    ``INSERT … ON CONFLICT DO NOTHING``. Measured: the SQLAlchemy multi-row ``VALUES`` with
+    not through a per-row compiled statement: on PostgreSQL by ``COPY`` (:func:`_copy_scores`),
+    on SQLite by one ``executemany`` of ``INSERT … ON CONFLICT DO NOTHING``. Measured: the SQLAlchemy multi-row ``VALUES`` with
     ``RETURNING`` it replaces was the scoring job's store stage (~45 µs a row).
     """
     if not rows:
@@ -71,21 +70,7 @@ def insert_scores(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     raw = connection.connection.dbapi_connection
     assert raw is not None
     if dialect.name == "postgresql":
-        with raw.cursor() as cur:  # type: ignore[attr-defined]
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS ehr_scores_incoming ON COMMIT DELETE ROWS AS "
-                f"SELECT {names} FROM ehr_scores WITH NO DATA"
-            )
-            with cur.copy(f"COPY ehr_scores_incoming ({names}) FROM STDIN") as copy:
-                for record in records:
-                    copy.write_row(record)
-            cur.execute(
-                f"INSERT INTO ehr_scores ({names}) SELECT {names} FROM ehr_scores_incoming "
-                f"ON CONFLICT {_CONFLICT} DO NOTHING"
-            )
-            inserted = int(cur.rowcount)
-            cur.execute("TRUNCATE ehr_scores_incoming")
-            return inserted
+        return _copy_scores(raw, records)
     marks = ", ".join("?" * len(SCORE_COLUMNS))
     before = raw.total_changes  # type: ignore[attr-defined]
     cursor = raw.cursor()
@@ -97,6 +82,39 @@ def insert_scores(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     finally:
         cursor.close()
     return int(raw.total_changes - before)  # type: ignore[attr-defined]
+
+
+def _copy_scores(raw: Any, records: list[tuple[Any, ...]]) -> int:
+    """PostgreSQL: ``COPY`` straight into ``ehr_scores`` (a first delivery, nearly always);
+    if some row is already stored (a redelivered batch), undo that under a savepoint and go
+    through a temporary table and ``INSERT … ON CONFLICT DO NOTHING`` instead."""
+    import psycopg
+
+    names = ", ".join(SCORE_COLUMNS)
+    with raw.cursor() as cur:
+        cur.execute("SAVEPOINT ehr_scores_copy")
+        try:
+            with cur.copy(f"COPY ehr_scores ({names}) FROM STDIN") as copy:
+                for record in records:
+                    copy.write_row(record)
+        except psycopg.errors.UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT ehr_scores_copy")
+        else:
+            cur.execute("RELEASE SAVEPOINT ehr_scores_copy")
+            return len(records)
+        cur.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS ehr_scores_incoming ON COMMIT DELETE ROWS AS "
+            f"SELECT {names} FROM ehr_scores WITH NO DATA"
+        )
+        cur.execute("DELETE FROM ehr_scores_incoming")
+        with cur.copy(f"COPY ehr_scores_incoming ({names}) FROM STDIN") as copy:
+            for record in records:
+                copy.write_row(record)
+        cur.execute(
+            f"INSERT INTO ehr_scores ({names}) SELECT {names} FROM ehr_scores_incoming "
+            f"ON CONFLICT {_CONFLICT} DO NOTHING"
+        )
+        return int(cur.rowcount)
 
 
 def extract_models(session: Session, extract_id: int) -> list[ServedModel]:
