@@ -256,7 +256,13 @@ def _gradient_logits(
         t.to(device) for t in (values, observed, dt_years, length)
     )
     real = visits_mask(values.shape[1], length)
-    with torch.inference_mode(False), torch.enable_grad():
+    # cuDNN's LSTM has no backward in eval mode ("cudnn RNN backward can only be called in
+    # training mode"): on a GPU the pass runs torch's own LSTM kernels instead.
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.backends.cudnn.flags(enabled=device.type != "cuda"),
+    ):
         encoded = model.encode(values, observed, dt_years, real).detach().requires_grad_(True)
         logits, attention = model.attend(encoded, real)
         # each patient's logit depends on its own sequence only: one backward pass of the sum
