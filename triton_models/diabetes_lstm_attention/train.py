@@ -215,7 +215,8 @@ softmax; a {head}-unit MLP on the attention-pooled context → risk logit. Paddi
 visits are left-aligned and the LSTM is causal, so a real visit's output never depends on the
 positions after it, padded inputs are zeroed anyway, and padding gets attention weight exactly 0.
 {n_params} parameters; the normalisation statistics travel in the state dict. One batch of 64
-patients (with the backward pass behind the contributions) takes about {batch_ms:.0f} ms on one CPU thread.
+patients (with the backward pass behind the contributions) takes about {batch_ms:.0f} ms on one
+CPU thread.
 
 **Contributions** (`CONTRIBUTION`, gradient × input): the served value estimates, to first order
 and from one forward and one backward pass, the occlusion effect
