@@ -17,8 +17,10 @@ a job backs off and retries); a missing object or refused credentials :class:`St
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
@@ -416,12 +418,38 @@ def storage_for(settings: Settings) -> Storage:
     return found
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def sweep_scratch(base: Path) -> int:
+    """Remove the scratch folders of this host's processes that are gone (a task killed with
+    SIGKILL leaves its folder behind); another host's folders, should ``base`` be shared, are
+    left alone. Returns how many were removed."""
+    prefix = f"{socket.gethostname()}-"
+    removed = 0
+    for entry in base.glob(f"{glob.escape(prefix)}*"):
+        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def scratch(settings: Settings) -> Iterator[Path]:
-    """A private local folder for what one task writes and reads itself; removed afterwards."""
+    """A private local folder for what one task writes and reads itself; removed afterwards.
+    Named by host and process, so that the next task sweeps what a killed one left."""
     base = settings.storage_dir / "scratch"
     base.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=base))
+    sweep_scratch(base)
+    path = Path(tempfile.mkdtemp(dir=base, prefix=f"{socket.gethostname()}-{os.getpid()}-"))
     try:
         yield path
     finally:

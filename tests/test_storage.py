@@ -4,6 +4,9 @@ loopback): the same keys, the same answers; an unreachable store raises the erro
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,4 +117,25 @@ def test_settings_choose_the_storage(tmp_path: Path) -> None:
             Settings(storage_dir=tmp_path, storage_url=bad)  # type: ignore[call-arg]
     with scratch(s) as tmp:
         (tmp / "f").write_bytes(b"x")
+    assert not tmp.exists()
+
+
+def test_scratch_left_by_a_killed_task_is_swept(tmp_path: Path) -> None:
+    """A task killed with SIGKILL cannot remove its scratch folder: the next task on the host
+    does; live processes' folders and other hosts' are kept."""
+    s = Settings(storage_dir=tmp_path)  # type: ignore[call-arg]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    base = tmp_path / "scratch"
+    left = base / f"{host}-{dead.pid}-abc"
+    alive = base / f"{host}-{os.getppid()}-def"
+    other_host = base / f"not-{host}-{dead.pid}-ghi"
+    for folder in (left, alive, other_host):
+        folder.mkdir(parents=True)
+        (folder / "bucket.arrow").write_bytes(b"x" * 10)
+    with scratch(s) as tmp:
+        assert tmp.name.startswith(f"{host}-{os.getpid()}-")
+        assert not left.exists()
+        assert alive.exists() and other_host.exists()
     assert not tmp.exists()
