@@ -271,7 +271,8 @@ class Medbatch:
         spies = (
             start_spies(
                 [("submitter", os.getpid(), False)]
-                + [(f"worker{i}", p.pid, True) for i, p in enumerate(procs)],
+                + [(f"worker{i}", p.pid, True) for i, p in enumerate(procs)]
+                + ([("triton", self.stack.triton.pid, True)] if self.stack.triton else []),
                 profile_dir,
             )
             if profile_dir
