@@ -70,8 +70,8 @@ def canonicalize(
     submission: the InChIKey (over half of this function's time) is then not computed again for
     a molecule written the same way after canonicalisation. Equal canonical SMILES are the same
     RDKit graph (atoms, charges, isotopes, hydrogens, stereo), from which InChI derives its key,
-    so the key is the one a fresh computation would give. Mol blocks never use it: their
-    coordinates also reach InChI.
+    so the key is the one a fresh computation would give. Mol blocks (and CXSMILES with
+    coordinates) never use it: their coordinates also reach InChI.
     """
     messages: list[str] = []
     _local.messages = messages
@@ -84,7 +84,7 @@ def canonicalize(
         if mol.GetNumAtoms() == 0:
             return Invalid("molecule has no atoms")
         smiles = Chem.MolToSmiles(mol)
-        if known is not None and not molblock:
+        if known is not None and not molblock and not mol.GetNumConformers():
             inchikey = known.get(smiles)
             if inchikey is not None:
                 return Canonical(smiles=smiles, inchikey=inchikey)
@@ -116,8 +116,10 @@ class InchiKeyMemo:
         """:func:`canonicalize_all` with the InChIKeys already known to this submission."""
         results = []
         for text, molblock in items:
-            result = canonicalize(text, molblock=molblock, known=self.keys)
-            if isinstance(result, Canonical) and not molblock:
+            # Plain SMILES only: a CXSMILES extension may carry coordinates.
+            plain = not molblock and "|" not in text
+            result = canonicalize(text, molblock=molblock, known=self.keys if plain else None)
+            if plain and isinstance(result, Canonical):
                 if result.smiles in self.keys:
                     self.reused += 1
                     self.keys.move_to_end(result.smiles)

@@ -50,13 +50,14 @@ def test_memo_computes_an_inchikey_once_per_canonical_molecule() -> None:
     block = Chem.MolToMolBlock(Chem.MolFromSmiles("OCC"))
     items = [("CCO", False), ("OCC", False), ("C(O)C", False), ("c1ccccc1", False)]
     items += [("C1CC(", False), (block, True), ("*C", False), ("*C", False)]
+    items += [("CCO |(0,0,0;1.5,0,0;2.2,1.2,0)|", False)]  # CXSMILES with coordinates
     memo = InchiKeyMemo()
     got = memo.canonicalize_all(items)
     fresh = [canonicalize(text, molblock=mb) for text, mb in items]
     assert got == fresh  # same keys and the same reasons as one molecule at a time
-    assert got[0] == got[1] == got[2] == got[5]
-    # ethanol and benzene computed; two more spellings of ethanol reused; the mol block and
-    # the invalid rows are never memoised.
+    assert got[0] == got[1] == got[2] == got[5] == got[8]
+    # ethanol and benzene computed; two more spellings of ethanol reused; the mol block, the
+    # coordinates and the invalid rows are never memoised.
     assert (memo.computed, memo.reused) == (2, 2)
     assert canonicalize_all(items) == fresh
 
