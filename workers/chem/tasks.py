@@ -22,7 +22,7 @@ from db.insert_ignore import insert_ignore
 from db.jobs import finish_parent_if_complete, transition
 from db.models import ChunkItem, Compound, JobState, Prediction, utcnow
 from db.session import session_scope
-from workers.chem.featurize import featurize_smiles
+from workers.chem.featurize import featurize_mols, parse_canonical
 from workers.lifecycle import claim, close, infer_or_wait, job_task
 from workers.metrics import CHUNKS, ITEMS
 
@@ -64,7 +64,9 @@ def score_chunk(self: Task, job_id: int, settings: Settings) -> str:
         close(job, JobState.DONE, settings, summary={"scored": 0})
         return "empty"
     try:
-        arrays = featurize_smiles([smi for _, smi in items])
+        # One parse per molecule; everything derived per molecule comes from these mols.
+        mols = parse_canonical([smi for _, smi in items])
+        arrays = featurize_mols(mols)
     except ValueError as exc:
         close(job, JobState.FAILED, settings, error=f"featurisation failed: {exc}")
         return "failed"
