@@ -10,6 +10,7 @@ against two peers on the same disk, the same instances, alternating:
     python -m benchmarks.dicom_receive            # 200 instances, 3 alternating repetitions
     python -m benchmarks.dicom_receive --quick    # a smoke run (40 instances, 1 repetition)
     python -m benchmarks.dicom_receive --profile  # + one run per case under py-spy
+    python -m benchmarks.dicom_receive --storage local,s3  # medbatch on a directory and on S3
 
 Senders: DCMTK ``storescu`` with ``TCP_NODELAY=1`` (the primary sender: it does not wait on
 Nagle) and pynetdicom (in this process), over one association and over four concurrent ones
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.common import (
     BENCH_PROFILE_DIR,
@@ -44,6 +45,9 @@ from benchmarks.common import (
     summarise_profile,
     write_record,
 )
+
+if TYPE_CHECKING:
+    from medbatch.stack.s3_server import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_DIR = REPO / ".bench" / "ct-512"
@@ -322,14 +326,18 @@ def serve_noop(port: int) -> None:
 class Medbatch(Receiver):
     """medbatch's listener (``medbatch listen`` in its own process group, with its helpers)."""
 
-    def __init__(self, database: str, url: str, work: Path, processes: int) -> None:
+    def __init__(
+        self, database: str, url: str, work: Path, processes: int, s3: S3Server | None = None
+    ) -> None:
         from core.settings import Settings
         from medbatch.stack.embedded import EmbeddedStack
         from medbatch.stack.process import free_port
 
-        self.name = f"medbatch-{database}"
+        self.name = f"medbatch-{database}" + ("-s3" if s3 else "")
         self.settings = Settings(  # type: ignore[call-arg]
             storage_dir=work,
+            storage_url=s3.url(f"bench-{database}") if s3 else "",
+            s3_endpoint_url=s3.endpoint_url if s3 else "",
             database_url=url,
             broker_url=f"redis://127.0.0.1:{free_port()}/0",
             dicom_port=free_port(),
@@ -371,21 +379,30 @@ class Medbatch(Receiver):
 
 
 def start_receivers(
-    work: Path, databases: list[str], processes: int, stack: ExitStack
+    work: Path, databases: list[str], processes: int, stack: ExitStack, storages: list[str]
 ) -> list[Receiver]:
-    """medbatch on each database, storescp and Orthanc; ``stack`` stops them."""
+    """medbatch on each database and storage (a local directory; SeaweedFS's S3 on loopback),
+    storescp and Orthanc; ``stack`` stops them."""
     from medbatch.stack.process import free_port
 
+    s3: S3Server | None = None
+    if "s3" in storages:
+        from medbatch.stack.s3_server import S3Server
+
+        s3 = stack.enter_context(S3Server(work / "seaweedfs"))
+        os.environ.update(s3.env())  # the listener processes' credentials
     out: list[Receiver] = []
     for db in databases:
-        url = (
-            f"sqlite:///{work / db / 'medbatch.db'}"
-            if db == "sqlite"
-            else stack.enter_context(fresh_postgres_database())
-        )
-        m = Medbatch(db, url, work / db, processes)
-        stack.callback(m.stop)
-        out.append(m)
+        for storage in storages:
+            where = work / f"{db}-{storage}"
+            url = (
+                f"sqlite:///{where / 'medbatch.db'}"
+                if db == "sqlite"
+                else stack.enter_context(fresh_postgres_database())
+            )
+            m = Medbatch(db, url, where, processes, s3 if storage == "s3" else None)
+            stack.callback(m.stop)
+            out.append(m)
     scp = StoreSCP(free_port(), work / "storescp")
     stack.callback(scp.stop)
     orthanc = Orthanc(free_port(), free_port(), work / "orthanc")
@@ -427,6 +444,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a smoke run for CI")
     parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument(
+        "--storage",
+        default="local",
+        help="medbatch's storage, comma-separated: local (a directory, fsync'd) and/or s3 "
+        "(SeaweedFS on loopback, medbatch/stack/s3_server.py)",
+    )
     parser.add_argument("--senders", default="storescu,pynetdicom")
     parser.add_argument("--associations", default="1,4")
     parser.add_argument(
@@ -450,6 +473,9 @@ def main() -> None:
     n = 40 if args.quick else args.instances
     reps = 1 if args.quick else args.reps
     databases = [d.strip() for d in args.databases.split(",") if d.strip()]
+    storages = [d.strip() for d in args.storage.split(",") if d.strip()]
+    if not storages or not set(storages) <= {"local", "s3"}:
+        raise SystemExit("--storage: local and/or s3")
     if not set(databases) <= {"sqlite", "postgresql"}:
         raise SystemExit("--databases: sqlite and/or postgresql")
     senders = [s.strip() for s in args.senders.split(",") if s.strip()]
@@ -469,7 +495,7 @@ def main() -> None:
     (REPO / ".bench").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / ".bench") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        rx = start_receivers(work, databases, args.listener_processes, stack)
+        rx = start_receivers(work, databases, args.listener_processes, stack, storages)
         sent = {rcv.name: 0 for rcv in rx}
         for rep in range(reps):
             for c, (sender, assocs) in enumerate(cases):
@@ -505,14 +531,17 @@ def main() -> None:
         scp = _med(times, f"storescp/{sender}/{assocs}")
         orth = _med(times, f"orthanc/{sender}/{assocs}")
         floor = _med(times, f"pynetdicom-noop/{sender}/{assocs}")
-        for db in databases:
-            key = f"medbatch-{db}/{sender}/{assocs}"
+        for db, storage in [(d, st) for d in databases for st in storages]:
+            key = f"medbatch-{db}{'-s3' if storage == 's3' else ''}/{sender}/{assocs}"
             m = _med(times, key)
+            local = _med(times, f"medbatch-{db}/{sender}/{assocs}") if "local" in storages else m
             rows.append(
                 {
                     "sender": sender,
                     "associations": assocs,
                     "database": db,
+                    "storage": storage,
+                    "ratio_vs_local_storage": local / m,
                     "medbatch_instances_per_s": n / m,
                     "storescp_instances_per_s": n / scp,
                     "orthanc_instances_per_s": n / orth,
@@ -533,8 +562,9 @@ def main() -> None:
             )
     table = Table(title=f"DICOM receive: {n} CT instances 512×512, medians of {reps}")
     for col in (
-        "sender/assocs/db",
+        "sender/assocs/db/storage",
         "medbatch/s",
+        "s3 / local",
         "storescp/s",
         "ratio",
         "orthanc/s",
@@ -546,8 +576,9 @@ def main() -> None:
     for r in rows:
         c = r["cpu_ms_per_instance"]
         table.add_row(
-            f"{r['sender']}/{r['associations']}/{r['database']}",
+            f"{r['sender']}/{r['associations']}/{r['database']}/{r['storage']}",
             f"{r['medbatch_instances_per_s']:.0f}",
+            f"{r['ratio_vs_local_storage']:.2f}×",
             f"{r['storescp_instances_per_s']:.0f}",
             f"{r['ratio_vs_storescp']:.2f}×",
             f"{r['orthanc_instances_per_s']:.0f}",
@@ -566,6 +597,7 @@ def main() -> None:
             "reps": reps,
             "listener_processes": args.listener_processes,
             "databases": databases,
+            "storages": storages,
             "versions": versions(),
             "sent": sent,
             "stored": stored,

@@ -1,16 +1,25 @@
-"""Workload 3, nightly EHR: a generated 1-million-row extract end to end to stored scores, beside
-pyarrow's raw parse of the same file (the limit: reading the CSV as strings and nothing else).
+"""Workload 3, nightly EHR: a 1-million-row long extract end to end to stored scores, beside
+pyarrow's raw parse of the same file (the limit: reading the CSV as strings and nothing else),
+on SQLite and on PostgreSQL (production), at several patient densities.
 
-    python -m benchmarks.ehr                  # 1 worker process, then 2 (scale-out)
-    python -m benchmarks.ehr --workers 1      # one configuration only
-    python -m benchmarks.ehr --quick          # a smoke run (200k rows, 1 rep)
+    python -m benchmarks.ehr                          # 90, 30 and 300 rows/patient, both databases
+    python -m benchmarks.ehr --densities 90 --databases sqlite
+    python -m benchmarks.ehr --workers 1,2            # the scale-out comparison
+    python -m benchmarks.ehr --quick                  # a smoke run (200k rows, 1 rep, SQLite)
+    python -m benchmarks.ehr --extract FILE           # one given extract instead
+    python -m benchmarks.ehr --storage local,s3       # storage in a directory and in S3 (SeaweedFS)
+
+The extracts come from :mod:`benchmarks.ehr_extract`, a generator independent of medbatch's own:
+~N rows per patient, UTC offsets and ``Z``, mixed ISO 8601 forms, units as sites report them.
 
 medbatch's side is the real path: ``submit_extract`` → Redis → a Celery worker streams and
 validates the file, spills patients into buckets → one scoring job per bucket → Triton (both
-EHR models) → scores and explanations in SQLite. Its time runs from submission to the extract
-job's ``done``; each repetition resubmits with ``force`` so nothing is skipped as already scored.
-Per stage: the ingest's own time, the time scoring jobs waited for a worker, and their run time.
-Worker memory: the peak resident set of each task (VmHWM reset when the task starts).
+EHR models) → scores and explanations in the database. Its time runs from submission to the
+extract job's ``done``; each repetition resubmits with ``force`` so nothing is skipped as already
+scored. Then once ``medbatch ehr FILE --force`` as a new process: from the command to done
+(interpreter start-up, hashing, polling included). Rows/s and patients/s; per stage: the ingest's
+own time, the time scoring jobs waited for a worker, and their run time. Worker memory: the peak
+resident set of each task (VmHWM reset when the task starts).
 """
 
 from __future__ import annotations
@@ -33,19 +42,42 @@ from benchmarks.common import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_EXTRACT = REPO / ".bench" / "ehr-1m.csv"
-PATIENTS_FOR_1M = 23_500  # ~44 rows per patient in the generator's long format
+BENCH_DIR = REPO / ".bench"
 
 
-def make_extract(path: Path, patients: int) -> int:
-    """The generated extract (deterministic; kept across runs); returns its data rows."""
-    from medbatch.synth.ehr import write_long_csv
+def make_extract(rows: int, rows_per_patient: int) -> tuple[Path, int]:
+    """The generated extract (deterministic; kept across runs) and its data rows."""
+    from benchmarks.ehr_extract import write_extract
 
+    path = BENCH_DIR / f"ehr-{rows // 1000}k-{rows_per_patient}pp.csv"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_long_csv(path, patients, seed=2026, messiness=0.002)
+        tmp = path.with_suffix(".partial")
+        write_extract(tmp, rows, rows_per_patient)
+        tmp.rename(path)
+    return path, count_rows(path)
+
+
+def count_rows(path: Path) -> int:
     with path.open("rb") as fh:
         return sum(1 for _ in fh) - 1
+
+
+def command_run(settings: Any, path: Path) -> float:
+    """Seconds of ``medbatch ehr FILE --force`` in a new process, from the command to done."""
+    import subprocess
+    import sys
+
+    from core.settings import settings_env
+
+    exe = Path(sys.executable).with_name("medbatch")
+    t0 = time.perf_counter()
+    subprocess.run(
+        [str(exe), "ehr", str(path), "--force"],
+        env=settings_env(settings),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t0
 
 
 def pyarrow_parse(path: Path, block_size: int) -> float:
@@ -142,14 +174,102 @@ def _profiled_run(stack: Any, settings: Any, extract: Path) -> dict[str, Any]:
     return {p.stem: summarise_profile(p, EHR_FRAMES) for p in sorted(out.glob("*.txt"))}
 
 
+def _run_database(
+    database: str,
+    n_workers: int,
+    extracts: list[tuple[int, Path, int]],
+    reps: int,
+    args: Any,
+    s3: Any = None,
+) -> dict[str, Any]:
+    """Every extract through one stack on ``database``: warm run, then alternating parse and
+    medbatch, then the command once; keyed by rows per patient. ``s3``: a running S3 server
+    that holds what medbatch keeps (else a local directory)."""
+    from contextlib import ExitStack
+
+    from rich.console import Console
+
+    from benchmarks.common import fresh_postgres_database
+    from core.settings import Settings
+    from db.migrate import upgrade
+    from medbatch.stack.embedded import EmbeddedStack
+    from medbatch.stack.process import free_port
+    from medbatch.stack.worker_process import use_settings
+
+    console = Console()
+    out: dict[str, Any] = {}
+    with ExitStack() as stack_ctx:
+        tmp = stack_ctx.enter_context(tempfile.TemporaryDirectory())
+        url = (
+            f"sqlite:///{tmp}/medbatch.db"
+            if database == "sqlite"
+            else stack_ctx.enter_context(fresh_postgres_database())
+        )
+        settings = Settings(
+            storage_dir=Path(tmp),
+            storage_url=s3.url(f"bench-{Path(tmp).name}") if s3 else "",
+            s3_endpoint_url=s3.endpoint_url if s3 else "",
+            database_url=url,
+            broker_url=f"redis://127.0.0.1:{free_port()}/0",
+            triton_http_port=free_port(),
+            triton_grpc_port=free_port(),
+            triton_metrics_port=free_port(),
+            worker_concurrency=1,
+        )
+        use_settings(settings)
+        upgrade(settings.database_url)
+        stack = stack_ctx.enter_context(
+            EmbeddedStack(settings, workers=n_workers, beat=False, report=console.log)
+        )
+        for density, extract, rows in extracts:
+            medbatch_run(settings, extract)  # warm: models loaded, imports done, file cached
+            runs: list[dict[str, Any]] = []
+            parses: list[float] = []
+            for _ in range(reps):  # alternating: the limit, then medbatch
+                parses.append(pyarrow_parse(extract, settings.ehr_block_bytes))
+                runs.append(medbatch_run(settings, extract))
+            command = [] if args.no_command else [command_run(settings, extract)]
+            profile = _profiled_run(stack, settings, extract) if args.profile else {}
+            med = {k: median([r[k] for r in runs]) for k in runs[0]}
+            out[str(density)] = {
+                "extract": extract.name,
+                "rows": rows,
+                "runs": runs,
+                "profile_top_frames": profile,
+                "median": med,
+                "medbatch_rows_per_s": rows / med["seconds"],
+                "medbatch_patients_per_s": med["patients"] / med["seconds"],
+                "command_seconds": command,
+                "command_rows_per_s": rows / median(command) if command else None,
+                "pyarrow_parse_rows_per_s": rows / median(parses),
+                "parse_seconds": parses,
+                "load_average": os.getloadavg(),
+            }
+            console.log(
+                f"{database}, {n_workers} worker(s), {'S3' if s3 else 'local'} storage, "
+                f"{density} rows/patient: "
+                f"{out[str(density)]['medbatch_rows_per_s']:,.0f} rows/s"
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--extract", type=Path, default=DEFAULT_EXTRACT)
+    parser.add_argument("--extract", type=Path, default=None, help="one given extract instead")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--densities", default="90,30,300", help="rows per patient")
+    parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--workers", default="1,2", help="worker processes to compare")
+    parser.add_argument("--workers", default="1", help="worker processes to compare")
+    parser.add_argument(
+        "--storage",
+        default="local",
+        help="comma-separated: local (a directory) and/or s3 (SeaweedFS on loopback)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run for CI")
+    parser.add_argument("--no-command", action="store_true", help="skip the `medbatch ehr` run")
     parser.add_argument(
         "--profile", action="store_true", help="one more run per configuration under py-spy"
     )
@@ -159,58 +279,50 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from core.settings import Settings
-    from db.migrate import upgrade
-    from medbatch.stack.embedded import EmbeddedStack
-    from medbatch.stack.process import free_port
-    from medbatch.stack.worker_process import use_settings
-
     console = Console()
-    extract = args.extract
     if args.quick:
-        extract = extract.with_name("ehr-200k.csv")
-    rows = make_extract(extract, PATIENTS_FOR_1M // 5 if args.quick else PATIENTS_FOR_1M)
-    reps = 1 if args.quick else args.reps
-    console.print(f"{extract.name}: {rows:,} rows, {extract.stat().st_size / 1e6:.0f} MB")
+        args.rows, args.densities, args.databases, args.reps = 200_000, "90", "sqlite", 1
+    databases = args.databases.split(",")
+    if not set(databases) <= {"sqlite", "postgresql"}:
+        raise SystemExit("--databases: sqlite and/or postgresql")
+    if args.extract is not None:
+        extracts = [(0, args.extract, count_rows(args.extract))]
+    else:
+        extracts = [(d, *make_extract(args.rows, d)) for d in map(int, args.densities.split(","))]
+    for _, path, rows in extracts:
+        console.print(f"{path.name}: {rows:,} rows, {path.stat().st_size / 1e6:.0f} MB")
 
+    storages = [x.strip() for x in args.storage.split(",") if x.strip()]
+    if not storages or not set(storages) <= {"local", "s3"}:
+        raise SystemExit("--storage: local and/or s3")
+    s3 = None
+    if "s3" in storages:
+        import atexit
+
+        from medbatch.stack.s3_server import S3Server
+
+        s3 = S3Server(Path(tempfile.mkdtemp(prefix="medbatch-bench-s3-"))).start()
+        atexit.register(s3.stop)
+        os.environ.update(s3.env())  # the workers' AWS_* credentials
     results: dict[str, Any] = {}
-    for n_workers in [int(w) for w in args.workers.split(",")]:
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings(
-                storage_dir=Path(tmp),
-                database_url=f"sqlite:///{tmp}/medbatch.db",
-                broker_url=f"redis://127.0.0.1:{free_port()}/0",
-                triton_http_port=free_port(),
-                triton_grpc_port=free_port(),
-                triton_metrics_port=free_port(),
-                worker_concurrency=1,
-            )
-            use_settings(settings)
-            upgrade(settings.database_url)
-            stack = EmbeddedStack(settings, workers=n_workers, beat=False, report=console.log)
-            with stack:
-                medbatch_run(settings, extract)  # warm: models loaded, imports done
-                runs: list[dict[str, Any]] = []
-                parses: list[float] = []
-                for _ in range(reps):  # alternating: the limit, then medbatch
-                    parses.append(pyarrow_parse(extract, settings.ehr_block_bytes))
-                    runs.append(medbatch_run(settings, extract))
-                profile = _profiled_run(stack, settings, extract) if args.profile else {}
-        med = {k: median([r[k] for r in runs]) for k in runs[0]}
-        results[str(n_workers)] = {
-            "runs": runs,
-            "profile_top_frames": profile,
-            "median": med,
-            "medbatch_rows_per_s": rows / med["seconds"],
-            "pyarrow_parse_rows_per_s": rows / median(parses),
-            "parse_seconds": parses,
-            "load_average": os.getloadavg(),
-        }
+    for database in databases:
+        for n_workers in [int(w) for w in args.workers.split(",")]:
+            for storage in storages:
+                for density, result in _run_database(
+                    database, n_workers, extracts, args.reps, args, s3 if storage == "s3" else None
+                ).items():
+                    results[f"{database}/{n_workers}/{storage}/{density}"] = result
 
-    table = Table(title=f"EHR extract end to end ({rows:,} rows), medians of {reps}")
+    table = Table(title=f"EHR extract end to end, medians of {args.reps}")
     for col in (
+        "database",
         "workers",
+        "storage",
+        "rows/patient",
+        "patients",
         "medbatch rows/s",
+        "patients/s",
+        "command rows/s",
         "pyarrow parse rows/s",
         "medbatch / parse",
         "ingest rows/s",
@@ -218,11 +330,18 @@ def main() -> None:
         "peak RSS MB",
     ):
         table.add_column(col, justify="right")
-    for n, r in results.items():
+    for key, r in results.items():
+        database, n, storage, density = key.split("/")
         m = r["median"]
         table.add_row(
+            database,
             n,
+            storage,
+            f"{r['rows'] / m['patients']:.0f}",
+            f"{m['patients']:,.0f}",
             f"{r['medbatch_rows_per_s']:,.0f}",
+            f"{r['medbatch_patients_per_s']:,.0f}",
+            f"{r['command_rows_per_s']:,.0f}" if r["command_rows_per_s"] else "-",
             f"{r['pyarrow_parse_rows_per_s']:,.0f}",
             f"{r['medbatch_rows_per_s'] / r['pyarrow_parse_rows_per_s']:.2f}×",
             f"{m['ingest_rows_per_s']:,.0f}",
@@ -230,27 +349,27 @@ def main() -> None:
             f"{max(m['ingest_peak_rss_mb'], m['batch_peak_rss_mb']):.0f}",
         )
     console.print(table)
-    if len(results) > 1:
-        ones, twos = results.get("1"), results.get("2")
-        if ones and twos:
+    for key, on_s3 in results.items():
+        local = results.get(key.replace("/s3/", "/local/"))
+        if "/s3/" in key and local:
+            ingest = on_s3["median"]["ingest_rows_per_s"] / local["median"]["ingest_rows_per_s"]
             console.print(
-                f"scale-out: 2 workers / 1 worker = "
-                f"{twos['medbatch_rows_per_s'] / ones['medbatch_rows_per_s']:.2f}×"
+                f"storage, {key}: S3 / local directory = "
+                f"{on_s3['medbatch_rows_per_s'] / local['medbatch_rows_per_s']:.2f}× end to end, "
+                f"{ingest:.2f}× ingest (the spill's buckets stored in S3)"
             )
-    for n_workers, result in results.items():
+    for key, result in results.items():
         for name, summary in result["profile_top_frames"].items():
             frames = "; ".join(
                 f"{r['frame']} {r['share']:.0%}" for r in summary.get("self", [])[:6]
             )
-            console.print(f"[bold]{n_workers} worker(s), {name}[/bold] py-spy self: {frames}")
+            console.print(f"[bold]{key}, {name}[/bold] py-spy self: {frames}")
     path = write_record(
         "ehr",
         {
-            "extract": extract.name,
-            "rows": rows,
-            "size_bytes": extract.stat().st_size,
-            "reps": reps,
-            "by_workers": results,
+            "extracts": {str(d): {"file": p.name, "rows": n} for d, p, n in extracts},
+            "reps": args.reps,
+            "by_database_workers_storage_density": results,
             "targets": {"rows_per_s": ">= 500000", "worker_peak_rss_mb": "<= 1024"},
         },
         args.out_dir,

@@ -78,3 +78,12 @@ class DicomSendError(MedbatchError):
 
 class DicomDestinationUnavailableError(DicomSendError):
     """The destination AE could not be reached (or refused transiently): the send waits."""
+
+
+class StorageError(MedbatchError):
+    """Object storage (MEDBATCH_STORAGE_URL) refused an operation or holds no such object."""
+
+
+class StorageUnavailableError(StorageError):
+    """Object storage could not be reached: a C-STORE is answered 0xA700 (the sender retries),
+    a job waits with back-off and then fails; `medbatch retry` resumes it once storage is back."""

@@ -36,6 +36,18 @@ class Settings(BaseSettings):
     # --- where things live -------------------------------------------------------------------
     storage_dir: Path = Field(Path("var"), description="Database, logs and server state.")
     database_url: str = Field("", description="SQLAlchemy URL; default SQLite in storage_dir.")
+    storage_url: str = Field(
+        "",
+        description="Where everything medbatch keeps (received instances, extracts, EHR buckets, "
+        "results) lives: a local directory, or s3://bucket/prefix for an S3-compatible store "
+        "shared by several hosts (credentials: the standard AWS_* variables). Empty: storage_dir.",
+    )
+    s3_endpoint_url: str = Field(
+        "", description="The S3 service for an s3:// storage_url (MinIO, SeaweedFS); empty: AWS."
+    )
+    s3_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one object store request before it counts as down."
+    )
     broker_url: str = Field(
         "redis://127.0.0.1:6389/0",
         description="Celery broker; `medbatch up` starts a private redis-server if none answers.",
@@ -220,7 +232,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
-        """Default the database to SQLite inside storage_dir."""
+        """Default the database to SQLite inside storage_dir; refuse a storage URL that is
+        neither a directory nor s3:// (a typo must not become a folder named 'gs:')."""
+        if "://" in self.storage_url and not self.storage_url.startswith(("s3://", "file://")):
+            raise ValueError(
+                f"MEDBATCH_STORAGE_URL={self.storage_url!r}: use a local directory, file:///path "
+                "or s3://bucket/prefix (any S3-compatible store, with MEDBATCH_S3_ENDPOINT_URL)"
+            )
+        if self.storage_is_remote and len(self.storage_url.rstrip("/")) <= len("s3://"):
+            raise ValueError("MEDBATCH_STORAGE_URL=s3:// needs a bucket: s3://bucket/prefix")
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.storage_dir / 'medbatch.db').resolve()}"
         return self
@@ -232,19 +252,34 @@ class Settings(BaseSettings):
         return f"{scheme}://{local_host(self.api_bind_address)}:{self.api_port}{self.api_root_path}"
 
     @property
+    def storage_is_remote(self) -> bool:
+        """Objects live in an S3 bucket shared by hosts, not in a local directory."""
+        return self.storage_url.startswith("s3://")
+
+    @property
+    def objects_dir(self) -> Path:
+        """The local directory of the objects (core/storage.py) when storage is local:
+        MEDBATCH_STORAGE_URL's, else storage_dir. With S3 storage, local scratch only."""
+        if self.storage_url and not self.storage_is_remote:
+            return Path(self.storage_url.removeprefix("file://"))
+        return self.storage_dir
+
+    @property
     def upload_dir(self) -> Path:
-        """Uploaded libraries and extracts, one folder per content hash."""
-        return self.storage_dir / "uploads"
+        """Uploaded libraries and extracts, one folder per content hash (storage key
+        ``uploads/<sha256>/<name>``)."""
+        return self.objects_dir / "uploads"
 
     @property
     def dicom_storage_dir(self) -> Path:
-        """Root of the received instances (study/series/instance) and the results we create."""
-        return self.storage_dir / "dicom"
+        """Root of the received instances (key ``dicom/<study>/<series>/<instance>.dcm``)."""
+        return self.objects_dir / "dicom"
 
     @property
     def ehr_spool_dir(self) -> Path:
-        """Where an ingest spills each extract's patients, one file per bucket."""
-        return self.storage_dir / "ehr"
+        """Where an ingest spills each extract's patients, one file per bucket (key
+        ``ehr/extract-<id>/bucket-<n>.arrow``; with S3 storage the local spill is scratch)."""
+        return self.objects_dir / "ehr"
 
     @property
     def triton_grpc_url(self) -> str:

@@ -16,6 +16,7 @@ COMPOSE = REPO_ROOT / "docker-compose.yml"
 EXPECTED = {
     "postgres",
     "redis",
+    "s3",
     "triton",
     "migrate",
     "worker-chem",
@@ -68,7 +69,28 @@ def test_the_api_serves_the_console_on_8080_and_is_checked_on_healthz() -> None:
     assert env["MEDBATCH_DATABASE_URL"].startswith("postgresql")  # the shared settings too
     assert any(p.endswith(":8080") for p in api["ports"])
     assert "localhost:8080/healthz" in " ".join(api["healthcheck"]["test"])
-    assert "medbatch-data:/var/lib/medbatch" in api["volumes"]  # uploads reach the workers
+    # uploads reach the workers through the object store, not a shared volume
+    assert ":-s3://" in env["MEDBATCH_STORAGE_URL"]
+
+
+def test_no_volume_is_shared_between_medbatch_services() -> None:
+    """Listener, API and workers share only the object store, broker and database (any of
+    them can run on another host); each keeps scratch in its own anonymous volume."""
+    services = _compose()["services"]
+    named: dict[str, list[str]] = {}
+    for name, svc in services.items():
+        env = svc.get("environment") or {}
+        if "MEDBATCH_DATABASE_URL" not in env or name == "migrate":
+            continue
+        assert ":-s3://" in env["MEDBATCH_STORAGE_URL"], name
+        assert env["MEDBATCH_S3_ENDPOINT_URL"] == "${MEDBATCH_S3_ENDPOINT_URL:-http://s3:8333}"
+        for volume in svc.get("volumes") or []:
+            source = volume.split(":")[0] if ":" in volume else None
+            if source and not source.startswith(("/", ".", "$")):  # a named volume
+                named.setdefault(source, []).append(name)
+    assert named == {}, f"named volumes shared by medbatch services: {named}"
+    assert "s3" in services and "s3-data:/data" in services["s3"]["volumes"]
+    assert "/srv/ehr-drop" in " ".join(services["worker-maintenance"]["volumes"])
 
 
 def test_triton_reserves_a_gpu_and_every_model_has_a_gpu_config() -> None:

@@ -18,7 +18,7 @@ from celery import Task
 from celery.exceptions import Retry
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core.errors import InferenceError, InferenceUnavailableError
+from core.errors import InferenceError, InferenceUnavailableError, StorageUnavailableError
 from core.job_kinds import JOB_KINDS, JobKind
 from core.settings import Settings, get_settings
 from db import audit
@@ -212,13 +212,31 @@ def job_task(kind: JobKind) -> Callable[[Body], Body]:
 def run_guarded(task: Task, job_id: int, settings: Settings, body: Body) -> str:
     """Run a task body so that the job always ends in a state that says what happened.
 
-    A database outage is retried like a Triton outage; any other unexpected error fails the job
-    with its message instead of leaving it ``running`` behind an acknowledged message.
+    A database outage is retried like a Triton outage, and so is an object store outage (the
+    job waits with back-off, then fails saying so; `medbatch retry` resumes it); any other
+    unexpected error fails the job with its message instead of leaving it ``running`` behind an
+    acknowledged message.
     """
     try:
         return body(task, job_id, settings)
     except Retry:
         raise
+    except StorageUnavailableError as exc:
+        with session_scope(settings.database_url) as session:
+            job = session.get(Job, job_id)
+            found = Claim(job_id, job.kind, job.parent_id, {}) if job else None
+        if found is None:
+            raise
+        log.warning("job %s: object storage unavailable: %s", job_id, exc)
+        return wait_or_fail(
+            task,
+            found,
+            settings,
+            exc,
+            what="object storage",
+            remedy="Check the S3 service (MEDBATCH_STORAGE_URL, MEDBATCH_S3_ENDPOINT_URL), "
+            "then `medbatch retry`.",
+        )
     except DBAPIError as exc:
         if not exc.connection_invalidated and not isinstance(exc, OperationalError):
             raise

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rdkit import Chem, rdBase
@@ -59,8 +61,18 @@ def _reason(messages: list[str], fallback: str) -> str:
     return text[:500]
 
 
-def canonicalize(text: str, *, molblock: bool = False) -> Canonical | Invalid:
-    """Canonical SMILES and InChIKey of a SMILES string (or an MDL mol block), or why not."""
+def canonicalize(
+    text: str, *, molblock: bool = False, known: Mapping[str, str] | None = None
+) -> Canonical | Invalid:
+    """Canonical SMILES and InChIKey of a SMILES string (or an MDL mol block), or why not.
+
+    ``known`` maps canonical SMILES to the InChIKey already computed for them in this
+    submission: the InChIKey (over half of this function's time) is then not computed again for
+    a molecule written the same way after canonicalisation. Equal canonical SMILES are the same
+    RDKit graph (atoms, charges, isotopes, hydrogens, stereo), from which InChI derives its key,
+    so the key is the one a fresh computation would give. Mol blocks (and CXSMILES with
+    coordinates) never use it: their coordinates also reach InChI.
+    """
     messages: list[str] = []
     _local.messages = messages
     try:
@@ -72,6 +84,10 @@ def canonicalize(text: str, *, molblock: bool = False) -> Canonical | Invalid:
         if mol.GetNumAtoms() == 0:
             return Invalid("molecule has no atoms")
         smiles = Chem.MolToSmiles(mol)
+        if known is not None and not molblock and not mol.GetNumConformers():
+            inchikey = known.get(smiles)
+            if inchikey is not None:
+                return Canonical(smiles=smiles, inchikey=inchikey)
         messages.clear()
         inchikey = Chem.MolToInchiKey(mol)
         if not inchikey:
@@ -85,6 +101,38 @@ def canonicalize(text: str, *, molblock: bool = False) -> Canonical | Invalid:
         _local.messages = None
 
 
+class InchiKeyMemo:
+    """Canonical SMILES → InChIKey of one submission, bounded (oldest forgotten first), so a
+    library that repeats a molecule computes its InChIKey once."""
+
+    def __init__(self, limit: int = 2048) -> None:
+        self.limit = limit
+        self.keys: OrderedDict[str, str] = OrderedDict()
+        #: InChIKeys computed / reused through this memo (tests and profiling read them).
+        self.computed = 0
+        self.reused = 0
+
+    def canonicalize_all(self, items: list[tuple[str, bool]]) -> list[Canonical | Invalid]:
+        """:func:`canonicalize_all` with the InChIKeys already known to this submission."""
+        results = []
+        for text, molblock in items:
+            # Plain SMILES only: a CXSMILES extension may carry coordinates.
+            plain = not molblock and "|" not in text
+            result = canonicalize(text, molblock=molblock, known=self.keys if plain else None)
+            if plain and isinstance(result, Canonical):
+                if result.smiles in self.keys:
+                    self.reused += 1
+                    self.keys.move_to_end(result.smiles)
+                else:
+                    self.computed += 1
+                    self.keys[result.smiles] = result.inchikey
+                    if len(self.keys) > self.limit:
+                        self.keys.popitem(last=False)
+            results.append(result)
+        return results
+
+
 def canonicalize_all(items: list[tuple[str, bool]]) -> list[Canonical | Invalid]:
-    """:func:`canonicalize` of each ``(text, molblock)``: one task of a canonicalising process."""
-    return [canonicalize(text, molblock=molblock) for text, molblock in items]
+    """:func:`canonicalize` of each ``(text, molblock)``: one task of a canonicalising process.
+    A molecule repeated within the batch has its InChIKey computed once."""
+    return InchiKeyMemo(limit=len(items) + 1).canonicalize_all(items)

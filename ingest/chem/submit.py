@@ -46,7 +46,7 @@ from db.models import (
     utcnow,
 )
 from db.session import session_scope
-from ingest.chem.canonicalize import Canonical, Invalid, canonicalize_all
+from ingest.chem.canonicalize import Canonical, InchiKeyMemo, Invalid, canonicalize_all
 from ingest.chem.readers import Format, LibraryReader, RawRecord
 from ingest.files import file_sha256
 
@@ -296,7 +296,10 @@ class _Submission:
 
 
 def _canonicalised(
-    batches: Iterable[list[RawRecord]], processes: int, seconds: dict[str, float]
+    batches: Iterable[list[RawRecord]],
+    processes: int,
+    seconds: dict[str, float],
+    memo_limit: int = 2048,
 ) -> Iterator[tuple[list[RawRecord], list[Canonical | Invalid]]]:
     """Each batch with its canonicalisation results, in file order.
 
@@ -306,9 +309,12 @@ def _canonicalised(
     ``seconds["canonicalize"]`` accumulates the time this process spent on it or waiting for it.
     """
     if processes <= 1:
+        # Across batches too, bounded to one batch's worth of molecules so memory stays flat
+        # whatever the file's length: a molecule repeated nearby gets one InChIKey.
+        memo = InchiKeyMemo(limit=memo_limit)
         for batch in batches:
             started = time.perf_counter()
-            results = canonicalize_all([(r.text, r.molblock) for r in batch])
+            results = memo.canonicalize_all([(r.text, r.molblock) for r in batch])
             seconds["canonicalize"] += time.perf_counter() - started
             yield batch, results
         return
@@ -333,13 +339,20 @@ def _canonicalised(
             yield oldest()
 
 
-def _batches(records: Iterable[RawRecord], size: int) -> Iterable[list[RawRecord]]:
+def _batches(
+    records: Iterable[RawRecord], size: int, first: int | None = None
+) -> Iterable[list[RawRecord]]:
+    """Batches of ``size`` rows; the first of ``first`` rows (one chunk's worth) so that the
+    first chunk reaches the workers after one chunk is canonicalised, not a whole batch: the
+    workers and Triton start while the submitter still reads."""
     batch: list[RawRecord] = []
+    limit = min(size, first or size)
     for rec in records:
         batch.append(rec)
-        if len(batch) >= size:
+        if len(batch) >= limit:
             yield batch
             batch = []
+            limit = size
     if batch:
         yield batch
 
@@ -408,9 +421,12 @@ def submit_library(
     sub = _Submission(job_id, key, path.name, settings, options, actor)
     try:
         with reader:
-            batches = _batches(reader, settings.chem_ingest_batch)
+            batches = _batches(reader, settings.chem_ingest_batch, first=sub.chunk_size)
             processes = settings.chem_canonicalize_processes
-            for batch, results in _canonicalised(batches, processes, sub.seconds):
+            canonicalised = _canonicalised(
+                batches, processes, sub.seconds, memo_limit=settings.chem_ingest_batch
+            )
+            for batch, results in canonicalised:
                 with session_scope(settings.database_url) as session:
                     sub.add_batch(session, batch, results)
                     created = sub.make_chunks(session, final=False)

@@ -6,10 +6,11 @@ answers a status with a reason. The DIMSE C-STORE handler is a thin caller of it
 STOW-RS front door (or anything else) calls the same :meth:`InstanceStore.store`, so validation,
 the durable write, the database row, de-duplication and study completion are one code path.
 
-Success means stored: the file is written, fsync'd and its directory entry fsync'd, and its row
-committed, before :meth:`InstanceStore.store` returns success (see :mod:`ingest.dicom.files` and
-:mod:`ingest.dicom.registry` for how those flushes are shared between instances in flight). The
-same SOP Instance UID is stored once: a resend is answered success and audited, not stored. A
+Success means stored: the file is written, fsync'd and its directory entry fsync'd (with S3
+storage: the object's PUT answered), and its row committed, before :meth:`InstanceStore.store`
+returns success (see :mod:`ingest.dicom.files` and :mod:`ingest.dicom.registry` for how those
+local flushes are shared between instances in flight). The same SOP Instance UID is stored
+once: a resend is answered success and audited, not stored. A
 failure to store answers 0xA700 so the sender retries; a refused instance gets its status and
 reason back and a ``dicom_rejections`` row.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from core.errors import InstanceRefusedError
 from core.settings import Settings
+from core.storage import storage_for
 from ingest.dicom.files import place, relative_path
 from ingest.dicom.registry import Duplicate, GroupCommitter, NewInstance, Refusal
 from ingest.dicom.validate import (
@@ -86,6 +88,7 @@ class InstanceStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.root = settings.dicom_storage_dir
+        self.storage = storage_for(settings)
         self.committer = GroupCommitter(settings.database_url)
 
     def close(self) -> None:
@@ -143,6 +146,11 @@ class InstanceStore:
         committer = self.committer
         if committer.stored_study(inst.sop_instance_uid) is not None:
             reg = committer.commit(Duplicate(inst.sop_instance_uid, sha, ae))
+        elif not self.storage.is_local:
+            # An S3 PUT is atomic and durable once answered; the row is committed after it.
+            rel = relative_path(inst)
+            self.storage.put(f"dicom/{rel.as_posix()}", encoded)
+            reg = committer.commit(NewInstance(inst, str(rel), len(encoded), sha, ae))
         else:
             rel = relative_path(inst)
             placed = place(self.root / rel, encoded)

@@ -118,8 +118,9 @@ class BucketSpill:
         return buckets
 
 
-def read_bucket(path: Path) -> pa.Table:
-    """A bucket's measurements sorted by patient, then time (the scoring order)."""
-    with ipc.open_file(str(path)) as reader:
+def read_bucket(path: Path | pa.Buffer) -> pa.Table:
+    """A bucket's measurements sorted by patient, then time (the scoring order); ``path`` is
+    the bucket file, or its bytes fetched from object storage."""
+    with ipc.open_file(path if isinstance(path, pa.Buffer) else str(path)) as reader:
         table = reader.read_all()
     return table.sort_by([("patient_id", "ascending"), ("timestamp", "ascending")])

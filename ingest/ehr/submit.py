@@ -20,6 +20,7 @@ from core.errors import ExtractRejectedError, InputError
 from core.job_kinds import JobKind
 from core.model_registry import ehr_models
 from core.settings import Settings
+from core.storage import storage_for
 from db import audit
 from db.jobs import add_submission, live_job_for_key, next_key
 from db.models import Job, JobState
@@ -70,6 +71,16 @@ def extract_sha256(path: Path) -> str:
         stat = item.stat()
         listing.update(f"{item.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return listing.hexdigest()
+
+
+def store_extract(path: Path, sha: str, settings: Settings) -> str:
+    """Put the extract (a file, or an export folder's files) in storage once per content, under
+    ``uploads/<sha256>/<name>``; its key. Raises StorageUnavailableError: nothing is queued."""
+    storage = storage_for(settings)
+    key = f"uploads/{sha}/{path.name}"
+    if not (path.is_file() and storage.exists(key)):
+        storage.put_tree(key, path)
+    return key
 
 
 def _base_key(sha: str, settings: Settings) -> str:
@@ -145,6 +156,8 @@ def submit_extract(
             "format": fmt,
             "models": model_versions(settings),
         }
+        if settings.storage_is_remote:  # workers on other hosts read it from the shared store
+            params["object"] = store_extract(path, sha, settings)
         if fmt == "fhir":
             export = open_export(path)
             text_bytes = export.text_bytes()

@@ -16,6 +16,8 @@ from core.errors import (
     MedbatchError,
     NotFoundError,
     PermissionDeniedError,
+    StorageError,
+    StorageUnavailableError,
     SubmissionInProgressError,
 )
 
@@ -41,6 +43,8 @@ STATUS: tuple[tuple[type[MedbatchError], int], ...] = (
     (SubmissionInProgressError, 409),
     (InputError, 422),
     (ConfigurationError, 503),
+    (StorageUnavailableError, 503),  # the object store is down: retry later
+    (StorageError, 502),  # it answered, but refused (credentials) or lost an object
 )
 
 

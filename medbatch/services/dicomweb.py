@@ -5,12 +5,12 @@ capture), so a DICOMweb-only site sends studies and pulls results without DIMSE.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from core.errors import InputError, NotFoundError
 from core.job_kinds import JobKind
 from core.settings import Settings
+from core.storage import storage_for
 from db import audit
 from db.models import DicomInstance, DicomOutput, DicomStudy
 from db.session import read_scope, session_scope
@@ -339,7 +340,7 @@ def search_instances(
 # --- WADO-RS --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Retrieved:
-    path: Path
+    data: bytes  # the object as stored (SR and key images: small)
     transfer_syntax_uid: str
     size_bytes: int
 
@@ -360,10 +361,13 @@ def retrieve(
         raise DicomWebNotFoundError("medbatch has produced no object in this study yet")
     _audit_read(settings, actor, "dicomweb.retrieve", f"dicom-study:{study_id}", len(outputs))
     found = []
+    storage = storage_for(settings)
     for o in outputs:
-        path = settings.storage_dir / o.path
-        meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
-        found.append(Retrieved(path, str(meta.TransferSyntaxUID), o.size_bytes))
+        data = storage.get(o.path)
+        meta = pydicom.dcmread(
+            io.BytesIO(data), stop_before_pixels=True, specific_tags=[]
+        ).file_meta
+        found.append(Retrieved(data, str(meta.TransferSyntaxUID), o.size_bytes))
     return found
 
 
@@ -371,7 +375,7 @@ def metadata(files: list[Retrieved]) -> list[dict[str, Any]]:
     """DICOM JSON of each file without its bulk data (pixels and other binary values)."""
     out = []
     for f in files:
-        ds = pydicom.dcmread(f.path, stop_before_pixels=True)
+        ds = pydicom.dcmread(io.BytesIO(f.data), stop_before_pixels=True)
         for elem in list(ds.iterall()):
             if elem.VR in _BINARY_VRS:
                 del ds[elem.tag]
@@ -386,9 +390,7 @@ def multipart_related(files: list[Retrieved], boundary: str) -> Iterator[bytes]:
             f"--{boundary}\r\nContent-Type: application/dicom; "
             f"transfer-syntax={f.transfer_syntax_uid}\r\nContent-Length: {f.size_bytes}\r\n\r\n"
         ).encode()
-        with f.path.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                yield chunk
+        yield f.data
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
 

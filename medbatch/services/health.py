@@ -165,6 +165,8 @@ def stack_status(settings: Settings) -> StackStatus:
         return kind in (PartKind.DATABASE, PartKind.REDIS, PartKind.TRITON)
 
     parts = [_part("database", PartKind.DATABASE, live[PartKind.DATABASE], required=True)]
+    if settings.storage_is_remote:  # shared by every host: none of them works without it
+        parts.append(_part("storage", PartKind.STORAGE, probes.storage(settings), required=True))
     for p in recorded:
         if p.kind is PartKind.WORKER:
             answered = p.node is not None and pings.get(p.node, False)

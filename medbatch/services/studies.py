@@ -10,9 +10,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.errors import NotFoundError
+from core.errors import NotFoundError, StorageError, StorageUnavailableError
 from core.job_kinds import JobKind
 from core.settings import Settings
+from core.storage import storage_for
 from db import audit
 from db.models import DicomInstance, DicomResult, DicomStudy, Job, JobState
 from db.session import session_scope
@@ -190,14 +191,16 @@ def key_image_png(
             details={"key_image": result.version},
         )
         relative = result.sc_path
-    root = settings.storage_dir.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    try:
+        data = storage_for(settings).get(relative)
+    except StorageUnavailableError:
+        raise
+    except StorageError as exc:
         raise KeyImageNotFoundError(
-            f"the key image of study {study.id} is missing under MEDBATCH_STORAGE_DIR "
-            f"({relative}); was the storage folder moved or cleaned up?"
-        )
-    pixels = pydicom.dcmread(path).pixel_array
+            f"the key image of study {study.id} is missing from storage ({relative}): {exc}; "
+            "was MEDBATCH_STORAGE_URL changed or the storage cleaned up?"
+        ) from exc
+    pixels = pydicom.dcmread(io.BytesIO(data)).pixel_array
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", optimize=False)
     return buf.getvalue()

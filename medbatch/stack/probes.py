@@ -49,6 +49,22 @@ def database(settings: Settings) -> Probe:
     return Probe(True, settings.database_url.split("://", 1)[0])
 
 
+def storage(settings: Settings) -> Probe:
+    """Does the object store answer (a lookup of one key; local storage: the folder exists)?"""
+    from core.errors import MedbatchError
+    from core.storage import storage_for
+
+    try:
+        store = storage_for(settings)
+        if store.is_local:
+            ok = settings.objects_dir.is_dir()
+            return Probe(ok, str(settings.objects_dir) if ok else "the folder does not exist")
+        store.exists(".medbatch-probe")
+    except MedbatchError as exc:
+        return Probe(False, str(exc).split(";")[0][:200])
+    return Probe(True, store.url)
+
+
 def redis(settings: Settings) -> Probe:
     at = redacted_url(settings.broker_url)
     if redis_server.ping(settings.broker_url):

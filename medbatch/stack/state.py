@@ -24,6 +24,7 @@ HEARTBEAT_S = 5.0  # the file is rewritten at least this often (its updated_at)
 
 class PartKind(StrEnum):
     DATABASE = "database"  # used, never started: shown by `medbatch status` and /readyz
+    STORAGE = "storage"  # the object store (MEDBATCH_STORAGE_URL): used, never started
     REDIS = "redis"
     TRITON = "triton"
     WORKER = "worker"

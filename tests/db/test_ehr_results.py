@@ -125,3 +125,92 @@ def test_report_draws_attention_for_any_patient(db_url: str, tmp_path: Path) -> 
     with session_scope(db_url) as session:
         actions = session.scalars(select(AuditEvent.action)).all()
     assert "results.report" in actions
+
+
+def _score_rows(extract_id: int, job_id: int, patients: range) -> list[dict[str, object]]:
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 12, 2, 4, 30, 15, 123456, tzinfo=UTC)
+    rows: list[dict[str, object]] = []
+    for i in patients:
+        for model in ("diabetes_lstm_attention", "cvd_autoencoder"):
+            scored = i % 5 != 3
+            rows.append(
+                {
+                    "extract_id": extract_id,
+                    "job_id": job_id,
+                    "patient_id": f"MRN-{i:05d}",
+                    "model_name": model,
+                    "model_version": "1",
+                    "risk": i / 100 + 1e-9 if scored else None,
+                    "not_scored": None if scored else "none of its input variables was measured",
+                    "out_of_distribution": (i % 7 == 0) if model == "cvd_autoencoder" else None,
+                    "reconstruction_error": 0.25 + i if model == "cvd_autoencoder" else None,
+                    "visits": i % 20,
+                    "measurements": 90 + i,
+                    "explanation": {
+                        "top_variables": [{"variable": "hba1c", "contribution": 0.1234}],
+                        "attention": [["2020-01-0" + str(1 + i % 9), 0.5]],
+                        "note": 'ünïcode, "quotes", tab\there, back\\slash',
+                    },
+                    "created_at": now,
+                }
+            )
+    return rows
+
+
+def test_columnar_score_inserts_store_what_the_orm_path_stores_once(db_url: str) -> None:
+    """insert_scores (COPY on PostgreSQL, executemany on SQLite) against insert_ignore (the
+    SQLAlchemy statement it replaced): the same stored values, each row once on redelivery."""
+    from db.ehr_results import SCORE_COLUMNS, insert_scores
+    from db.insert_ignore import insert_ignore
+
+    first, second = _seed(db_url), _seed_other(db_url)
+    with session_scope(db_url) as session:
+        job = session.scalars(select(Job.id).where(Job.parent_id == first)).one()
+        other_job = session.scalars(select(Job.id).where(Job.parent_id == second)).one()
+        assert insert_scores(session, _score_rows(first, job, range(100, 160))) == 120
+    with session_scope(db_url) as session:  # a redelivered batch: only the new patients
+        assert insert_scores(session, _score_rows(first, job, range(150, 170))) == 20
+        rows = _score_rows(second, other_job, range(100, 170))
+        assert insert_ignore(session, EhrScore, rows, ("extract_id", "patient_id", "model_name"))
+    with session_scope(db_url) as session:
+
+        def stored(extract_id: int) -> list[tuple[object, ...]]:
+            scores = session.scalars(
+                select(EhrScore)
+                .where(EhrScore.extract_id == extract_id, EhrScore.patient_id.like("MRN-%"))
+                .order_by(EhrScore.patient_id, EhrScore.model_name)
+            )
+            names = [c for c in SCORE_COLUMNS if c not in ("extract_id", "job_id")]
+            return [tuple(getattr(s, c) for c in names) for s in scores]
+
+        columnar, orm = stored(first), stored(second)
+    assert len(columnar) == 140
+    for a, b in zip(columnar, orm, strict=True):
+        assert a == b, [(x, y) for x, y in zip(a, b, strict=True) if x != y]
+    assert {type(r[5]) for r in columnar} == {bool, type(None)}  # out_of_distribution
+
+
+def _seed_other(url: str) -> int:
+    with session_scope(url) as session:
+        extract = Job(
+            kind=JobKind.EHR_EXTRACT.value,
+            source="other.csv",
+            idempotency_key="ehr_extract:other",
+            state=JobState.DONE.value,
+            params={"models": {"diabetes_lstm_attention": "1"}},
+        )
+        session.add(extract)
+        session.flush()
+        session.add(
+            Job(
+                kind=JobKind.EHR_BATCH.value,
+                parent_id=extract.id,
+                source="other.csv",
+                idempotency_key="ehr_batch:other",
+                state=JobState.DONE.value,
+                params={},
+            )
+        )
+        return int(extract.id)

@@ -111,11 +111,17 @@ def test_recorded_metrics_beat_the_baseline(metrics):
 def test_committed_weights_reproduce_reference_patients(network, model, metrics, reference):
     pred = ehr_model.rescore_reference(network, model, metrics, reference, INPUTS)
     inputs, ref = reference[1], metrics["reference"]
+    n = len(ref["first"])
+    # metrics.json records the occlusion contributions (train.py), the reference of the served ones
+    occlusion = network.predict_occlusion(model, *tensors(inputs, slice(0, n)), CPU)
     for i, first in enumerate(ref["first"]):
         assert int(inputs["LENGTH"][i, 0]) == first["length"]
         assert float(pred.risk[i]) == pytest.approx(first["risk"], abs=1e-5)
+        assert float(occlusion.risk[i]) == pytest.approx(first["risk"], abs=1e-5)
         np.testing.assert_allclose(pred.attention[i].numpy(), first["attention"], atol=1e-4)
-        np.testing.assert_allclose(pred.contribution[i].numpy(), first["contribution"], atol=1e-4)
+        np.testing.assert_allclose(
+            occlusion.contribution[i].numpy(), first["contribution"], atol=1e-4
+        )
 
 
 def test_cpu_pieces_equal_one_untrimmed_pass(network, model, reference):
@@ -127,16 +133,22 @@ def test_cpu_pieces_equal_one_untrimmed_pass(network, model, reference):
     values, observed, dt, length = tensors(inputs, sl)
     assert len(set(length.reshape(-1).tolist())) > 5
     pred = network.predict(model, values, observed, dt, length, CPU)
-    logits, attention = network._occluded_logits(
+    logit, attention, contribution = network._gradient_logits(
         model, values, observed, dt, length.reshape(-1, 1).long(), CPU
     )
-    torch.testing.assert_close(pred.logit, logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pred.logit, logit, atol=1e-5, rtol=0)
     torch.testing.assert_close(pred.attention, attention, atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        pred.contribution, (logits[0][None, :] - logits[1:]).T, atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(pred.contribution, contribution, atol=1e-5, rtol=0)
     # the comparison can fail: patients out of order would not match
-    assert float((pred.logit - logits[0].roll(1)).abs().max()) > 0.1
+    assert float((pred.logit - logit.roll(1)).abs().max()) > 0.1
+    # and so for the occlusion reference
+    occlusion = network.predict_occlusion(model, values, observed, dt, length, CPU)
+    logits, _ = network._occluded_logits(
+        model, values, observed, dt, length.reshape(-1, 1).long(), CPU
+    )
+    torch.testing.assert_close(
+        occlusion.contribution, (logits[0][None, :] - logits[1:]).T, atol=1e-5, rtol=0
+    )
 
 
 def test_attention_sums_to_one_over_real_visits(network, model, reference):
@@ -182,10 +194,10 @@ def test_batching_invariance(network, model, reference):
     ehr_model.assert_batching_invariant(network, model, reference[1], INPUTS)
 
 
-def test_contributions_are_occlusion_effects(network, model, reference):
+def test_occlusion_contributions_are_masking_effects(network, model, reference):
     _, inputs = reference
     values, observed, dt, length = tensors(inputs, slice(0, 50))
-    pred = network.predict(model, values, observed, dt, length, CPU)
+    pred = network.predict_occlusion(model, values, observed, dt, length, CPU)
     assert pred.contribution.shape == (50, 10) and pred.contribution.dtype == torch.float32
     for j in (HBA1C, 9):
         masked_v, masked_o = values.clone(), observed.clone()
@@ -198,6 +210,41 @@ def test_contributions_are_occlusion_effects(network, model, reference):
     never = ~observed.bool().any(dim=1)  # [50, 10]
     assert bool(never.any())
     assert bool((pred.contribution[never] == 0).all())
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+
+
+def test_gradient_contributions_agree_with_occlusion_on_the_test_patients(
+    network, model, reference
+):
+    """The served contributions (gradient × input, one backward pass) against the occlusion
+    effects they estimate (1 + F forward passes), on the 2,000 reference test patients.
+    Measured when written: Pearson 0.78 over observed (patient, variable) pairs; Spearman per
+    patient mean 0.82, median 0.92; the top variable the same in 67 % of patients and within
+    occlusion's top 3 in 86 %; the sign the same in 94 % of effects above 0.05."""
+    _, inputs = reference
+    batch = tensors(inputs)
+    grad = network.predict(model, *batch, CPU)
+    occl = network.predict_occlusion(model, *batch, CPU)
+    torch.testing.assert_close(grad.logit, occl.logit, atol=1e-5, rtol=0)  # same risk
+    torch.testing.assert_close(grad.attention, occl.attention, atol=1e-5, rtol=0)
+    g, o = grad.contribution.numpy(), occl.contribution.numpy()
+    seen = inputs["OBSERVED"].any(axis=1)
+    assert len(g) >= 1000 and (g[~seen] == 0).all()  # never observed: exactly nothing
+    assert np.corrcoef(g[seen], o[seen])[0, 1] > 0.7
+    spearman = [
+        np.corrcoef(_ranks(g[i][seen[i]]), _ranks(o[i][seen[i]]))[0, 1]
+        for i in range(len(g))
+        if seen[i].sum() > 2
+    ]
+    assert np.nanmean(spearman) > 0.75
+    top3 = np.argsort(-o, axis=1)[:, :3]
+    assert np.mean(g.argmax(axis=1) == o.argmax(axis=1)) > 0.6
+    assert np.mean([g[i].argmax() in top3[i] for i in range(len(g))]) > 0.8
+    large = np.abs(o) > 0.05
+    assert np.mean(np.sign(g[large]) == np.sign(o[large])) > 0.9
 
 
 def test_high_hba1c_patient_is_driven_by_hba1c(network, model):

@@ -215,11 +215,17 @@ softmax; a {head}-unit MLP on the attention-pooled context → risk logit. Paddi
 visits are left-aligned and the LSTM is causal, so a real visit's output never depends on the
 positions after it, padded inputs are zeroed anyway, and padding gets attention weight exactly 0.
 {n_params} parameters; the normalisation statistics travel in the state dict. One batch of 64
-patients (with the occlusion copies) takes about {batch_ms:.0f} ms on one CPU thread.
+patients (with the backward pass behind the contributions) takes about {batch_ms:.0f} ms on one
+CPU thread.
 
-**Contributions** (`CONTRIBUTION`, occlusion): in the same forward pass, each patient's sequence
-is repeated once per variable with that variable masked out at every visit (observed 0, value 0);
-`CONTRIBUTION[j] = logit(as is) − logit(variable j masked)`. Positive: the variable, as measured,
+**Contributions** (`CONTRIBUTION`, gradient × input): the served value estimates, to first order
+and from one forward and one backward pass, the occlusion effect
+`logit(as is) − logit(variable j masked)`, where masking sets the variable's standardised values
+and observed flags to 0 at every visit: `Σ_visits x · ∂logit/∂x` over those inputs. On the 2,000
+test patients it agrees with the occlusion effects (1 + 10 forward passes) with a per-patient
+Spearman correlation of 0.82 on average, the same top variable for 67 % of patients and the
+top variable within occlusion's top 3 for 86 % (checked by the model's tests); the table below
+and `metrics.json` give the occlusion effects themselves. Positive: the variable, as measured,
 raises the risk compared with not knowing it; negative: it lowers it; exactly 0 when the variable
 was never observed. The network was trained with whole variables masked at random
 (p = {variable_dropout}), so the masked copies are inputs of a kind it has seen. Correlated
@@ -290,8 +296,10 @@ def main() -> None:
 
     results = ehr.evaluate(splits, score(model, tensors["test"]), baseline_features, SEED)
 
-    # The reference patients (the first of the test split), through the serving path.
-    ref = ehr.reference_patients(splits, lambda x: network.predict(model, *as_tensors(x), CPU))
+    # The reference patients (the first of the test split), with occlusion contributions.
+    ref = ehr.reference_patients(
+        splits, lambda x: network.predict_occlusion(model, *as_tensors(x), CPU)
+    )
     reference = {
         **ref.summary(),
         "first": [

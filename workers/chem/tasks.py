@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from celery import Task
+from rdkit import Chem
 from sqlalchemy import select
 
 from core.job_kinds import JobKind
@@ -25,7 +26,7 @@ from db.jobs import finish_parent_if_complete, transition
 from db.models import ChunkItem, Compound, JobState, Prediction, utcnow
 from db.session import session_scope
 from workers.chem.domain import applicability_for
-from workers.chem.featurize import featurize_smiles
+from workers.chem.featurize import featurize_mols, parse_canonical
 from workers.lifecycle import claim, close, infer_or_wait, job_task
 from workers.metrics import CHUNKS, ITEMS
 
@@ -53,7 +54,7 @@ def _add_derived(
     entry: ServedModel,
     version: str,
     settings: Settings,
-    items: list[tuple[int, str]],
+    mols: list[Chem.Mol],
     outputs: list[dict[str, Any]],
 ) -> int | None:
     """Add the model's derived fields (calibrated interval, applicability domain) to each
@@ -63,7 +64,7 @@ def _add_derived(
         return None
     value_field, spread_field = list(entry.fields.values())[:2]
     derived = applicability.assess(
-        [smi for _, smi in items],
+        mols,
         [o[value_field] for o in outputs],
         [o[spread_field] for o in outputs],
     )
@@ -91,7 +92,9 @@ def score_chunk(self: Task, job_id: int, settings: Settings) -> str:
         close(job, JobState.DONE, settings, summary={"scored": 0})
         return "empty"
     try:
-        arrays = featurize_smiles([smi for _, smi in items])
+        # One parse per molecule; everything derived per molecule comes from these mols.
+        mols = parse_canonical([smi for _, smi in items])
+        arrays = featurize_mols(mols)
     except ValueError as exc:
         close(job, JobState.FAILED, settings, error=f"featurisation failed: {exc}")
         return "failed"
@@ -116,7 +119,7 @@ def score_chunk(self: Task, job_id: int, settings: Settings) -> str:
     outputs = [{name: _finite(v[i, 0]) for name, v in values.items()} for i in range(len(items))]
     t_domain = time.perf_counter()
     try:
-        out_of_domain = _add_derived(entry, version, settings, items, outputs)
+        out_of_domain = _add_derived(entry, version, settings, mols, outputs)
     except (OSError, ValueError, KeyError) as exc:
         close(job, JobState.FAILED, settings, error=f"applicability domain: {exc}")
         return "failed"

@@ -26,12 +26,12 @@ from core.errors import (
 from core.job_kinds import JobKind
 from core.model_registry import served_model
 from core.settings import Settings
+from core.storage import Storage, scratch, storage_for
 from db import audit
 from db.insert_ignore import insert_ignore
 from db.jobs import transition
 from db.models import DicomInstance, DicomOutput, DicomResult, Job, JobState, utcnow
 from db.session import session_scope
-from ingest.dicom.files import write_atomic
 from workers.dicom.outputs import (
     LungCtResult,
     build_key_slice_image,
@@ -63,18 +63,23 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 
 
-def _instance_paths(settings: Settings, study_id: int, version: int) -> list[Path]:
+def _instance_paths(
+    settings: Settings, storage: Storage, study_id: int, version: int, tmp: Path
+) -> list[Path]:
+    """Local files of the study's instances up to ``version``: storage's own files, or copies
+    fetched into this task's scratch folder ``tmp`` from a shared store."""
     with session_scope(settings.database_url) as session:
         rel = session.scalars(
             select(DicomInstance.path)
             .where(DicomInstance.study_id == study_id, DicomInstance.batch <= version)
             .order_by(DicomInstance.id)
         ).all()
-    return [settings.dicom_storage_dir / p for p in rel]
+    return storage.fetch_many([f"dicom/{p}" for p in rel], tmp)
 
 
-def results_dir(settings: Settings, study_id: int, version: int) -> Path:
-    return settings.storage_dir / "dicom-results" / f"study-{study_id}" / f"v{version}"
+def results_key(study_id: int, version: int) -> str:
+    """The storage key (folder) of a study version's SR and key image."""
+    return f"dicom-results/study-{study_id}/v{version}"
 
 
 @job_task(JobKind.DICOM_STUDY)
@@ -82,11 +87,25 @@ def score_study(self: Task, job_id: int, settings: Settings) -> str:
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job
-    study_id, version = int(job.params["study_id"]), int(job.params["version"])
     model = str(job.params.get("model_name", settings.dicom_model_name))
     model_version = str(job.params.get("model_version", settings.dicom_model_version))
 
-    headers = read_headers(_instance_paths(settings, study_id, version))
+    storage = storage_for(settings)
+    with scratch(settings) as tmp:
+        return _score(self, job, settings, storage, tmp, model, model_version)
+
+
+def _score(
+    self: Task,
+    job: Claim,
+    settings: Settings,
+    storage: Storage,
+    tmp: Path,
+    model: str,
+    model_version: str,
+) -> str:
+    study_id, version = int(job.params["study_id"]), int(job.params["version"])
+    headers = read_headers(_instance_paths(settings, storage, study_id, version, tmp))
     chosen = choose_series(headers, settings.dicom_min_slices)
     if isinstance(chosen, NotApplicable):
         close(job, JobState.NOT_APPLICABLE, settings, error=chosen.reason)
@@ -112,12 +131,12 @@ def score_study(self: Task, job_id: int, settings: Settings) -> str:
     sc = build_key_slice_image(
         slice_headers, slice_hu(chosen.slices[top].path), result, series_number=SC_SERIES_NUMBER
     )
-    out_dir = results_dir(settings, study_id, version)
+    out_dir = results_key(study_id, version)
     produced: list[Produced] = []
     for name, ds in (("sr.dcm", sr), ("sc.dcm", sc)):
         encoded = _encode(ds)
-        write_atomic(out_dir / name, encoded)
-        produced.append(Produced(out_dir / name, ds, len(encoded)))
+        storage.put(f"{out_dir}/{name}", encoded)
+        produced.append(Produced(f"{out_dir}/{name}", ds, len(encoded)))
 
     return _store_result(
         job, settings, chosen.series_uid, result, slice_headers, top, out_dir, produced
@@ -128,7 +147,7 @@ def score_study(self: Task, job_id: int, settings: Settings) -> str:
 class Produced:
     """A DICOM object written for a result (registered for DICOMweb search and retrieval)."""
 
-    path: Path
+    key: str  # in storage
     dataset: pydicom.Dataset
     size_bytes: int
 
@@ -146,12 +165,11 @@ def _store_result(
     result: LungCtResult,
     slice_headers: list[pydicom.Dataset],
     top: int,
-    out_dir: Path,
+    out_dir: str,
     produced: list[Produced],
 ) -> str:
     study_id, version = int(job.params["study_id"]), int(job.params["version"])
     actor = audit.current_actor("worker")
-    rel = out_dir.relative_to(settings.storage_dir)
     send_job: int | None = None
     with session_scope(settings.database_url) as session:
         insert_ignore(
@@ -172,8 +190,8 @@ def _store_result(
                     },
                     "most_suspicious_sop_uid": str(slice_headers[top].SOPInstanceUID),
                     "instance_count": len(slice_headers),
-                    "sr_path": str(rel / "sr.dcm"),
-                    "sc_path": str(rel / "sc.dcm"),
+                    "sr_path": f"{out_dir}/sr.dcm",
+                    "sc_path": f"{out_dir}/sc.dcm",
                     "created_at": utcnow(),
                 }
             ],
@@ -198,7 +216,7 @@ def _store_result(
                     "sop_class_uid": str(p.dataset.SOPClassUID),
                     "modality": str(p.dataset.Modality),
                     "series_number": int(p.dataset.SeriesNumber),
-                    "path": str(p.path.relative_to(settings.storage_dir)),
+                    "path": p.key,
                     "size_bytes": p.size_bytes,
                     "created_at": utcnow(),
                 }
@@ -255,7 +273,13 @@ def send_result(self: Task, job_id: int, settings: Settings) -> str:
         return job
     with session_scope(settings.database_url) as session:
         row = session.get(DicomResult, int(job.params["result_id"]))
-        paths = [settings.storage_dir / p for p in (row.sr_path, row.sc_path) if p] if row else []
+        keys = [p for p in (row.sr_path, row.sc_path) if p] if row else []
+    with scratch(settings) as tmp:
+        paths = storage_for(settings).fetch_many(keys, tmp)
+        return _send(self, job, settings, paths)
+
+
+def _send(self: Task, job: Claim, settings: Settings, paths: list[Path]) -> str:
     target = str(job.params["destination"])
     try:
         if target.startswith(DICOMWEB):

@@ -22,6 +22,7 @@ from sqlalchemy import update
 from core.errors import InputError
 from core.job_kinds import JobKind
 from core.settings import Settings
+from core.storage import Storage, scratch, storage_for
 from db import audit
 from db.insert_ignore import insert_ignore
 from db.jobs import finish_parent_if_complete, transition
@@ -150,11 +151,21 @@ def ingest_extract(self: Task, job_id: int, settings: Settings) -> str:
     job = claim(self, job_id, settings)
     if isinstance(job, str):
         return job
+    storage = storage_for(settings)
+    with scratch(settings) as tmp:
+        stored = job.params.get("object")  # put in shared storage when it was submitted
+        path = storage.fetch_tree(str(stored), tmp) if stored else Path(job.params["path"])
+        return _ingest(job, settings, storage, path, tmp)
+
+
+def _ingest(job: Claim, settings: Settings, storage: Storage, path: Path, tmp: Path) -> str:
+    """Stream the extract at ``path`` into buckets (written to storage), then commit their jobs;
+    ``tmp``: this task's scratch folder (where buckets are spilled before a shared store)."""
+    job_id = job.job_id
     assert job.parent_id is not None, "an ingest job always has its extract as parent"
     extract_id = job.parent_id
-    path = Path(job.params["path"])
     progress = _Progress(job_id, settings)
-    if error := _check_unchanged(path, job.params):
+    if "object" not in job.params and (error := _check_unchanged(path, job.params)):
         return _reject(job, settings, error, progress.summary())
 
     reset_peak_rss()
@@ -162,7 +173,9 @@ def ingest_extract(self: Task, job_id: int, settings: Settings) -> str:
     text_bytes = job.params.get("text_bytes", job.params["size_bytes"])  # gzip: uncompressed
     basis = job.params.get("bucket_basis_bytes", text_bytes)  # FHIR: its long-CSV equivalent
     n = bucket_count(basis, settings.ehr_bucket_bytes, settings.ehr_max_buckets)
-    spill = BucketSpill(settings.ehr_spool_dir / f"extract-{extract_id}", n)
+    prefix = f"ehr/extract-{extract_id}"
+    spill_dir = settings.ehr_spool_dir / prefix[4:] if storage.is_local else tmp / "spill"
+    spill = BucketSpill(spill_dir, n)
     started = time.perf_counter()
     try:
         blocks = read_extract(
@@ -181,6 +194,7 @@ def ingest_extract(self: Task, job_id: int, settings: Settings) -> str:
         spill.close()
         return _reject(job, settings, str(exc), progress.summary())
     buckets = spill.close()
+    keys = _keep(storage, prefix, buckets)
     seconds = time.perf_counter() - started
     summary = {
         **progress.summary(),
@@ -195,7 +209,7 @@ def ingest_extract(self: Task, job_id: int, settings: Settings) -> str:
         "rss_start_mb": round(rss_start, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
-    batch_ids = _commit_batches(job, extract_id, buckets, summary, settings)
+    batch_ids = _commit_batches(job, extract_id, buckets, keys, summary, settings)
     CHUNKS.labels(job.kind, JobState.DONE.value).inc()
     for batch_id in batch_ids:
         publish(batch_id, JobKind.EHR_BATCH.value)
@@ -212,8 +226,25 @@ def ingest_extract(self: Task, job_id: int, settings: Settings) -> str:
     return "done"
 
 
+def _keep(storage: Storage, prefix: str, buckets: list[Bucket]) -> list[str]:
+    """The bucket files as storage keys: where they are (local storage), or each stored in the
+    shared store under ``prefix`` (emptied first: leftovers of an interrupted run). Raises
+    StorageUnavailableError before any bucket job exists, so the ingest retries whole."""
+    keys = [f"{prefix}/{b.path.name}" for b in buckets]
+    if not storage.is_local:
+        storage.delete_prefix(prefix)
+        for key, bucket in zip(keys, buckets, strict=True):
+            storage.put_file(key, bucket.path)
+    return keys
+
+
 def _commit_batches(
-    job: Claim, extract_id: int, buckets: list[Bucket], summary: dict[str, Any], s: Settings
+    job: Claim,
+    extract_id: int,
+    buckets: list[Bucket],
+    keys: list[str],
+    summary: dict[str, Any],
+    s: Settings,
 ) -> list[int]:
     """One transaction: a queued scoring job per bucket, the ingest done, the extract's counts."""
     actor = audit.current_actor("worker")
@@ -227,13 +258,13 @@ def _commit_batches(
                 state=JobState.QUEUED.value,
                 queued_at=utcnow(),
                 params={
-                    "spool_file": str(b.path),
+                    "spool_file": key,
                     "bucket": b.index,
                     "models": job.params["models"],
                 },
                 item_count=b.rows,
             )
-            for b in buckets
+            for b, key in zip(buckets, keys, strict=True)
         ]
         session.add_all(batches)
         session.flush()

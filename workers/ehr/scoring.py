@@ -128,39 +128,66 @@ def not_scored_rows(
             "out_of_distribution": None,
             "reconstruction_error": None,
             "measurements": p.rows,
-            "visits": int(np.unique(p.measurements.timestamp.astype("datetime64[D]")).size),
+            "visits": visits,
             "explanation": {},
         }
-        for p, reason in pairs
+        for (p, reason), visits in zip(pairs, _visit_counts([p for p, _ in pairs]), strict=True)
     ]
 
 
+def _visit_counts(group: list[Patient]) -> list[int]:
+    """Distinct calendar days of each patient's measurements, for the whole group at once."""
+    if not group:
+        return []
+    days = np.concatenate(
+        [p.measurements.timestamp.astype("datetime64[D]").astype(np.int64) for p in group]
+    )
+    who = np.repeat(np.arange(len(group)), [p.rows for p in group])
+    pairs = np.unique(who * (1 << 32) + (days + (1 << 31)))  # ±5.8 M years of days fit in 32 bits
+    return np.bincount(pairs >> 32, minlength=len(group)).tolist()
+
+
 def score_rows(batch: ModelBatch, out: dict[str, np.ndarray], version: str) -> list[dict[str, Any]]:
-    """One row of ``ehr_scores`` per patient sent (without the job columns). Rounding and
-    ranking run on whole arrays: this is per-patient work on the scoring path."""
+    """One row of ``ehr_scores`` per patient sent (without the job columns). Rounding, ranking,
+    day labels and visit counts run on whole arrays; what remains per patient is building its
+    dicts from Python lists (this is per-patient work on the scoring path)."""
     group = batch.patients
     n = len(group)
     variables = model_schema(batch.model).variables
     risk = out["RISK"].reshape(n, -1)[:, 0].astype(np.float64).tolist()
     contribution = out["CONTRIBUTION"].reshape(n, -1).astype(np.float64)
     rounded = np.round(contribution, 4).tolist()
+    positive = (contribution > 0).tolist()
     top_vars = np.argsort(-contribution, axis=1, kind="stable")[:, :TOP_VARIABLES].tolist()
     attended = batch.sequences is not None and "ATTENTION" in out
     if attended:
+        assert batch.sequences is not None
         raw_attention = out["ATTENTION"].reshape(n, -1).astype(np.float64)
-        attention, attention4 = np.round(raw_attention, 5), np.round(raw_attention, 4)
+        attention = np.round(raw_attention, 5)
+        attention4 = np.round(raw_attention, 4).tolist()
+        lengths = [seq.length for seq in batch.sequences]
+        all_days = (
+            np.concatenate([seq.visit_days for seq in batch.sequences]).astype(str).tolist()
+            if n
+            else []
+        )
+        day_start = np.r_[0, np.cumsum(lengths)].tolist()
+        # the top visits of every patient: attention on padding is 0, below any real visit's
+        # weight, but a patient may have fewer than TOP_VISITS visits: ranked per patient below
+        ranked = np.argsort(-attention, axis=1, kind="stable").tolist()
+        attention_lists = attention.tolist()
     ood = out["OOD"].reshape(-1).tolist() if "OOD" in out else None
     recon = (
         out["RECON_ERROR"].reshape(-1).astype(np.float64).tolist() if "RECON_ERROR" in out else None
     )
+    visits = _visit_counts(group) if batch.sequences is None else None
     rows = []
     for i, p in enumerate(group):
         c = rounded[i]
+        pos = positive[i]
         explanation: dict[str, Any] = {
             "top_variables": [
-                {"variable": variables[j], "contribution": c[j]}
-                for j in top_vars[i]
-                if contribution[i, j] > 0
+                {"variable": variables[j], "contribution": c[j]} for j in top_vars[i] if pos[j]
             ],
             "contributions": dict(zip(variables, c, strict=True)),
         }
@@ -175,19 +202,19 @@ def score_rows(batch: ModelBatch, out: dict[str, np.ndarray], version: str) -> l
             "measurements": p.rows,
         }
         if batch.sequences is not None:
-            seq = batch.sequences[i]
-            row["visits"] = seq.length
+            length = batch.sequences[i].length
+            row["visits"] = length
             if attended:
-                weights = attention[i, : seq.length]
-                days = seq.visit_days.astype(str).tolist()
-                listed = weights.tolist()
+                days = all_days[day_start[i] : day_start[i] + length]
+                listed = attention_lists[i][:length]
                 explanation["attention"] = [[d, w] for d, w in zip(days, listed, strict=True)]
-                top = np.argsort(-weights, kind="stable")[:TOP_VISITS].tolist()
+                top = [v for v in ranked[i] if v < length][:TOP_VISITS]
                 explanation["top_visits"] = [
-                    {"day": days[v], "weight": float(attention4[i, v])} for v in top
+                    {"day": days[v], "weight": attention4[i][v]} for v in top
                 ]
         else:
-            row["visits"] = int(np.unique(p.measurements.timestamp.astype("datetime64[D]")).size)
+            assert visits is not None
+            row["visits"] = visits[i]
         if ood is not None:
             row["out_of_distribution"] = bool(ood[i])
         if recon is not None:

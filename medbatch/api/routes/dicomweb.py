@@ -181,7 +181,7 @@ def _retrieve(
     multipart = _accepts_dicom(request, single=instance is not None)
     files = dicomweb.retrieve(settings_of(request), study, series, instance, actor=token.actor)
     if not multipart:
-        return Response(files[0].path.read_bytes(), media_type="application/dicom")
+        return Response(files[0].data, media_type="application/dicom")
     boundary = uuid.uuid4().hex
     return StreamingResponse(
         dicomweb.multipart_related(files, boundary),

@@ -169,3 +169,14 @@ def test_submission_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
     small, large = _peak_submit_bytes(tmp_path, 1500), _peak_submit_bytes(tmp_path, 9000)
     # Six times the rows, same batch size: the peak must stay (nearly) where it was.
     assert large < small * 1.5, f"peak {small} bytes for 1,500 rows, {large} for 9,000"
+
+
+def test_first_batch_is_one_chunk_so_workers_start_early() -> None:
+    from ingest.chem.readers import RawRecord
+    from ingest.chem.submit import _batches
+
+    records = [RawRecord(line_no=i, name=None, text="C", molblock=False) for i in range(11)]
+    sizes = [len(b) for b in _batches(records, 4, first=2)]
+    assert sizes == [2, 4, 4, 1]
+    assert [len(b) for b in _batches(records, 4, first=9)] == [4, 4, 3]
+    assert [len(b) for b in _batches(records, 4)] == [4, 4, 3]

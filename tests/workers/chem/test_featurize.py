@@ -91,3 +91,42 @@ def test_single_atom_chunk_has_no_zero_sized_axis() -> None:
 def test_unparseable_stored_smiles_fails_loudly() -> None:
     with pytest.raises(ValueError, match="no longer parses"):
         featurize_smiles(["CCO", "C1CC("])
+
+
+VARIED = [
+    "C[C@H](N)C(=O)[O-]",
+    "C/C=C/C",
+    "F/C=C\\Cl",
+    "c1ccc2[nH]ccc2c1",
+    "[Na+].[Cl-]",
+    "O=[N+]([O-])c1ccccc1",
+    "C[C@@]1(O)CC[C@H](C)CC1",
+    "[U]",
+    "C#N",
+    "CC(C)(C)[Si](C)(C)OC",
+]
+
+
+def test_chunk_rows_equal_the_row_by_row_features() -> None:
+    from workers.chem.featurize import (
+        atom_feature_row,
+        bond_feature_row,
+        featurize_mols,
+        parse_canonical,
+    )
+
+    canonical = [Chem.MolToSmiles(Chem.MolFromSmiles(s)) for s in VARIED]
+    mols = parse_canonical(canonical)
+    arrays = featurize_mols(mols)
+    reference = pad_graphs([mol_to_graph(m) for m in mols])
+    for name, value in reference.items():
+        np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+    for name, value in featurize_smiles(canonical).items():
+        np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+    for i, mol in enumerate(mols):
+        atoms = [atom_feature_row(a) for a in mol.GetAtoms()]
+        assert arrays["ATOM_FEATS"][i, : len(atoms)].tolist() == [list(r) for r in atoms]
+        bonds = [bond_feature_row(b) for b in mol.GetBonds()]
+        ends = [[b.GetBeginAtomIdx(), b.GetEndAtomIdx()] for b in mol.GetBonds()]
+        assert arrays["BOND_FEATS"][i, : len(bonds)].tolist() == [list(r) for r in bonds]
+        assert arrays["BOND_INDEX"][i, : len(bonds)].tolist() == ends

@@ -109,3 +109,22 @@ def test_subset_keeps_inputs_and_explanations_aligned(bucket: list) -> None:
     assert [p.patient_id for p in part.patients] == [p.patient_id for p in bucket[2:5]]
     assert (part.inputs["VALUES"] == d.inputs["VALUES"][2:5]).all()
     assert part.sequences == d.sequences[2:5]
+
+
+def test_visit_counts_of_a_group_are_each_patients_distinct_days(bucket: list) -> None:
+    from workers.ehr.features import PatientMeasurements
+    from workers.ehr.scoring import Patient, _visit_counts
+
+    # and days before 1970, same-day repeats, a patient of one row
+    old = np.array(
+        ["1950-03-01T08:00", "1950-03-01T17:00", "1969-12-31T23:59", "1970-01-01T00:00"],
+        dtype="datetime64[us]",
+    )
+    extra = [
+        Patient("OLD", PatientMeasurements(old, np.zeros(4, np.int8), np.ones(4))),
+        Patient("ONE", PatientMeasurements(old[:1], np.zeros(1, np.int8), np.ones(1))),
+    ]
+    group = bucket + extra
+    want = [int(np.unique(p.measurements.timestamp.astype("datetime64[D]")).size) for p in group]
+    assert _visit_counts(group) == want
+    assert want[-2:] == [3, 1] and len(set(want)) > 3

@@ -7,10 +7,10 @@ tensors of ``workers.ehr.features.stack_sequences`` (``VALUES``, ``OBSERVED``, `
 A reference model trained on synthetic EHR data only (see ../MODEL_CARD.md): it proves the
 pipeline and must never be used for any decision about a patient.
 
-The requests of one ``execute`` call are scored with a single forward pass (which includes the
-occlusion copies behind ``CONTRIBUTION``). A malformed request (missing input, wrong shape or
-dtype, NaN/inf, ``LENGTH`` outside [1, 20], values outside their physiological range) gets an
-error response without failing the others (``triton_torch_adapter.serving``).
+The requests of one ``execute`` call are scored with a single forward pass and one backward
+pass (the gradient × input behind ``CONTRIBUTION``). A malformed request (missing input, wrong
+shape or dtype, NaN/inf, ``LENGTH`` outside [1, 20], values outside their physiological range)
+gets an error response without failing the others (``triton_torch_adapter.serving``).
 """
 
 from triton_torch_adapter.serving import BatchedTorchModel
