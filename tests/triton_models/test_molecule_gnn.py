@@ -119,18 +119,19 @@ def test_batching_invariance(network, served):
 @pytest.fixture(scope="module")
 def nci_graphs():
     """The first 1,500 molecules of RDKit's NCI set that parse, as the workers featurise them."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, rdBase
 
     from tests.conftest import RDKIT_NCI
 
-    RDLogger.DisableLog("rdApp.*")
     graphs = []
-    for line in RDKIT_NCI.read_text().splitlines():
-        mol = Chem.MolFromSmiles(line.split("\t")[0])
-        if mol is not None and mol.GetNumAtoms():
-            graphs.append(mol_to_graph(mol))
-        if len(graphs) == 1500:
-            break
+    # Scoped: a process-wide DisableLog would empty ingest's RDKit reasons in later tests.
+    with rdBase.BlockLogs():
+        for line in RDKIT_NCI.read_text().splitlines():
+            mol = Chem.MolFromSmiles(line.split("\t")[0])
+            if mol is not None and mol.GetNumAtoms():
+                graphs.append(mol_to_graph(mol))
+            if len(graphs) == 1500:
+                break
     return graphs
 
 
