@@ -19,6 +19,7 @@ from db.migrate import upgrade
 from db.session import dispose_all
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import free_port
+from medbatch.stack.s3_server import S3Server
 from medbatch.stack.worker_process import use_settings
 
 PG_URL = os.environ.get(
@@ -147,3 +148,21 @@ def nci_smiles() -> list[tuple[str, str]]:
         smi, nci_id = line.split("\t")[:2]
         rows.append((smi, nci_id))
     return rows
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS's S3 gateway on free loopback ports, its credentials in the environment while
+    it runs (the workers and listeners started by a test inherit them)."""
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        with server:
+            yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

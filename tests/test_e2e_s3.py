@@ -6,7 +6,6 @@ backs off, fails saying so, and ``medbatch retry`` resumes it once the store is 
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,30 +47,15 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS's S3 gateway on free loopback ports; its credentials in the environment."""
-    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
-        with server:
-            yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def s3_stack(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def s3_stack(
+    s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
     """Redis + Triton + a worker + the listener, keeping everything in the bucket; back-off
     short enough that a fault test sees the job fail within seconds."""
     settings = make_settings(
         tmp_path_factory.mktemp("s3-stack"),
-        storage_url=s3.url("site-a"),
-        s3_endpoint_url=s3.endpoint_url,
+        storage_url=s3_server.url("site-a"),
+        s3_endpoint_url=s3_server.endpoint_url,
         s3_timeout_s=5.0,
         dicom_listener_processes=2,  # the helper process stores through the bucket too
         triton_retry_base_s=0.5,
@@ -217,12 +201,12 @@ def test_a_library_is_screened_with_s3_storage(
 
 
 def test_store_down_during_c_store_answers_a700_and_registers_nothing(
-    s3_stack: EmbeddedStack, s3: S3Server, tmp_path: Path
+    s3_stack: EmbeddedStack, s3_server: S3Server, tmp_path: Path
 ) -> None:
     s = s3_stack.settings
     (path,) = make_series(tmp_path, 1)
     ds = pydicom.dcmread(path)
-    s3.stop()
+    s3_server.stop()
     try:
         down = probes.storage(s)  # what `medbatch status` and /readyz report meanwhile
         assert not down.ok and "did not answer" in down.detail
@@ -231,7 +215,7 @@ def test_store_down_during_c_store_answers_a700_and_registers_nothing(
         status = assoc.send_c_store(ds)
         assoc.release()
     finally:
-        s3.start()
+        s3_server.start()
     assert status.Status == STATUS_OUT_OF_RESOURCES
     uid = str(ds.SOPInstanceUID)
     with session_scope(s.database_url) as session:
@@ -262,20 +246,20 @@ def _batch_jobs(settings: Settings, extract_id: int) -> list[Job]:
 
 
 def test_store_down_during_a_workers_read_fails_clearly_and_retry_resumes(
-    s3_stack: EmbeddedStack, s3: S3Server, tmp_path: Path
+    s3_stack: EmbeddedStack, s3_server: S3Server, tmp_path: Path
 ) -> None:
     s = s3_stack.settings
     path = tmp_path / "read-fault.csv"
     write_long_csv(path, 40, seed=9, messiness=0.0)
     held: list[tuple[int, str]] = []
     submitted = submit_extract(path, s, lambda i, k: held.append((i, k)))  # stored, not sent
-    s3.stop()
+    s3_server.stop()
     try:
         for job_id, kind in held:
             publish(job_id, kind)
         extract = wait_for_job(s, submitted.job_id, timeout=120)
     finally:
-        s3.start()
+        s3_server.start()
     assert extract.state == JobState.FAILED.value
     ingest = wait_for_job(s, int(submitted.ingest_id or 0), timeout=10)
     assert ingest.state == JobState.FAILED.value
@@ -290,7 +274,7 @@ def test_store_down_during_a_workers_read_fails_clearly_and_retry_resumes(
 
 
 def test_store_down_during_an_ehr_spill_stores_no_half_extract(
-    s3_stack: EmbeddedStack, s3: S3Server, tmp_path: Path
+    s3_stack: EmbeddedStack, s3_server: S3Server, tmp_path: Path
 ) -> None:
     """The extract is registered where the worker reads it from this host's disk (submitted
     without shared storage), so the store is first needed for the buckets the spill writes."""
@@ -300,13 +284,13 @@ def test_store_down_during_an_ehr_spill_stores_no_half_extract(
     held: list[tuple[int, str]] = []
     local = s.model_copy(update={"storage_url": ""})
     submitted = submit_extract(path, local, lambda i, k: held.append((i, k)))
-    s3.stop()
+    s3_server.stop()
     try:
         for job_id, kind in held:
             publish(job_id, kind)
         extract = wait_for_job(s, submitted.job_id, timeout=120)
     finally:
-        s3.start()
+        s3_server.start()
     ingest = wait_for_job(s, int(submitted.ingest_id or 0), timeout=10)
     assert extract.state == JobState.FAILED.value
     assert "object storage" in (ingest.error or "") and "medbatch retry" in (ingest.error or "")
