@@ -279,6 +279,20 @@ def _gradient_logits(
     )
 
 
+def _pieces(length: Tensor, steps: int, device: torch.device) -> list[tuple[Tensor, int]]:
+    """The batch's pieces (patient indices) and the step each is cut after. On a CPU the
+    patients run in pieces of :data:`CPU_SUB_BATCH`, grouped by visit count, each piece cut after
+    its longest patient's last visit: padding after a patient's visits cannot change its outputs
+    (see the module docstring), so this only skips work. A GPU takes the batch whole."""
+    if device.type != "cpu":
+        pieces = [torch.arange(length.shape[0])]
+    else:
+        pieces = list(torch.argsort(length.reshape(-1), stable=True).split(CPU_SUB_BATCH))
+    return [
+        (idx, min(steps, max(1, int(length[idx].max()))) if idx.numel() else 1) for idx in pieces
+    ]
+
+
 def predict(
     model: DiabetesLSTMAttention,
     values: Tensor,
@@ -293,24 +307,15 @@ def predict(
     the occlusion effect (:func:`predict_occlusion`), from one forward and one backward pass
     instead of 1 + F forward passes. Exactly 0 for a variable never observed.
 
-    On a CPU the patients run in pieces of :data:`CPU_SUB_BATCH`, grouped by visit count, each
-    piece cut after its longest patient's last visit: padding after a patient's visits cannot
-    change its outputs (see the module docstring), so this only skips work. A GPU takes the
-    batch whole.
+    The patients run in the pieces of :func:`_pieces`.
     """
     b, steps = values.shape[0], values.shape[1]
     values, observed, dt_years = values.float(), observed.float(), dt_years.float()
     length = length.reshape(-1, 1).long()
-    if device.type != "cpu":
-        pieces = [torch.arange(b)]
-    else:
-        order = torch.argsort(length.reshape(-1), stable=True)
-        pieces = list(order.split(CPU_SUB_BATCH))
     logits = torch.empty(b)
     attention = torch.zeros(b, steps)
     contribution = torch.zeros(b, N_FEATURES)
-    for idx in pieces:
-        cut = min(steps, max(1, int(length[idx].max()))) if idx.numel() else 1
+    for idx, cut in _pieces(length, steps, device):
         part_logits, part_attention, part_contribution = _gradient_logits(
             model,
             values[idx, :cut],
@@ -337,23 +342,14 @@ def predict_occlusion(
     served gradient × input contributions (:func:`predict`) are checked against, and what
     ``../train.py`` records for the reference patients.
 
-    On a CPU the patients run in pieces of :data:`CPU_SUB_BATCH`, grouped by visit count, each
-    piece cut after its longest patient's last visit: padding after a patient's visits cannot
-    change its outputs (see the module docstring), so this only skips work. A GPU takes the
-    batch whole.
+    The patients run in the pieces of :func:`_pieces`.
     """
     b, steps = values.shape[0], values.shape[1]
     values, observed, dt_years = values.float(), observed.float(), dt_years.float()
     length = length.reshape(-1, 1).long()
-    if device.type != "cpu":
-        pieces = [torch.arange(b)]
-    else:
-        order = torch.argsort(length.reshape(-1), stable=True)
-        pieces = list(order.split(CPU_SUB_BATCH))
     logits = torch.empty(N_FEATURES + 1, b)
     attention = torch.zeros(b, steps)
-    for idx in pieces:
-        cut = min(steps, max(1, int(length[idx].max()))) if idx.numel() else 1
+    for idx, cut in _pieces(length, steps, device):
         part_logits, part_attention = _occluded_logits(
             model,
             values[idx, :cut],
