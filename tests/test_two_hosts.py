@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from sqlalchemy import func, select
@@ -25,6 +26,7 @@ from ingest.ehr.submit import submit_extract
 from medbatch.services.dicomweb import retrieve
 from medbatch.services.health import stack_status
 from medbatch.services.studies import key_image_png
+from medbatch.services.tokens import Scope, create_token
 from medbatch.stack.embedded import EmbeddedStack
 from medbatch.stack.process import free_port
 from medbatch.stack.s3_server import S3Server
@@ -92,7 +94,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> Ite
 def _objects_on_disk(settings: Settings) -> list[Path]:
     """Files of kept objects (instances, results, extracts, buckets) on a host's own disk."""
     found = []
-    for folder in ("dicom", "dicom-results", "ehr", "scratch"):
+    for folder in ("dicom", "dicom-results", "ehr", "scratch", "uploads"):
         root = settings.storage_dir / folder
         if root.exists():
             found += [p for p in root.rglob("*") if p.is_file()]
@@ -115,6 +117,19 @@ def test_three_flows_across_two_hosts(hosts: Hosts, tmp_path: Path, nci_smiles: 
         [f"{smi}\t{name}" for smi, name, _ in unique_valid(nci_smiles, 10, skip=4000)],
     )
     screen = submit_library(library, a, publish)
+    # and one more extract uploaded to host A's HTTP API
+    uploaded = tmp_path / "upload.csv"
+    write_long_csv(uploaded, 30, seed=4, messiness=0.0)
+    token = create_token(a, "two-hosts", frozenset({Scope.SUBMIT}), actor="test")[1]
+    with uploaded.open("rb") as f:
+        answer = httpx.post(
+            f"{a.api_url}/api/v1/ehr/extracts",
+            files={"file": ("upload.csv", f, "text/csv")},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120,
+        )
+    assert answer.status_code == 201, answer.text
+    uploaded_job = int(answer.json()["id"])
 
     def study_job() -> int | None:
         with session_scope(a.database_url) as session:
@@ -142,6 +157,8 @@ def test_three_flows_across_two_hosts(hosts: Hosts, tmp_path: Path, nci_smiles: 
             select(func.count()).select_from(EhrScore).where(EhrScore.extract_id == ehr.job_id)
         )
     assert scores == 2 * len(patients)
+
+    assert wait_for_job(a, uploaded_job, timeout=300).state == JobState.DONE.value
 
     screen_job = wait_for_job(a, screen.job_id, timeout=300)
     assert screen_job.state == JobState.DONE.value, screen_job.error

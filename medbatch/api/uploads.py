@@ -22,12 +22,22 @@ FIELD_LIMIT = 64 << 10  # bytes of one form field (an option, not a file)
 
 @dataclass
 class Upload:
-    path: Path  # upload_dir/<sha256>/<file name>
+    path: Path  # upload_dir/<sha256>/<file name> (shared storage: <sha256>/<request>/<name>)
     filename: str
     sha256: str
     size: int
     fields: dict[str, str] = field(default_factory=dict)
     created: bool = True  # False: the same content was uploaded before (and may be in use)
+    scratch: bool = False  # True: shared (S3) storage, this copy is this request's alone
+
+    def release(self) -> None:
+        """Remove this request's copy once submitted, with shared storage: the extract is then
+        in the object store and a library's rows in the database, so the API host keeps none."""
+        if self.scratch:
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
+                self.path.parent.parent.rmdir()  # <sha256>/, unless another request's is there
 
     def discard(self) -> None:
         """Remove a file this request stored, when it was refused before any job used it."""
@@ -138,9 +148,12 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
         raise HttpProblem(400, "the multipart form has no 'file' part holding the file to submit")
     sink, name = files[0]
     sha = sink.digest.hexdigest()
-    final = settings.upload_dir / sha / name
+    scratch = settings.storage_is_remote
+    # Shared storage: a folder per request, so that releasing one never pulls a file from under
+    # another request for the same content (the store keys the content by its hash anyway).
+    final = settings.upload_dir / sha / (uuid.uuid4().hex if scratch else "") / name
     final.parent.mkdir(parents=True, exist_ok=True)
     created = not final.exists()
     os.replace(sink.path, final)  # the same content twice at once: the same bytes either way
     _fsync_dir(final.parent)
-    return Upload(final, name, sha, sink.size, fields, created)
+    return Upload(final, name, sha, sink.size, fields, created, scratch)

@@ -124,6 +124,7 @@ async def post_library(request: Request, token: Submitter) -> JSONResponse:
 
     reading: Future[Any] = _READERS.submit(run)
     reading.add_done_callback(_log_failure)
+    reading.add_done_callback(lambda _f: upload.release())
     wrapped = asyncio.wrap_future(reading)
     await asyncio.wait({wrapped, registered}, return_when=asyncio.FIRST_COMPLETED)
     if not wrapped.done():
@@ -166,8 +167,11 @@ async def post_extract(request: Request, token: Submitter) -> JSONResponse:
     except HttpProblem:
         upload.discard()
         raise
-    result = await run_in_threadpool(
-        _retrying,
-        lambda: submit_extract(settings, upload.path, actor=token.actor, force=force),
-    )
+    try:
+        result = await run_in_threadpool(
+            _retrying,
+            lambda: submit_extract(settings, upload.path, actor=token.actor, force=force),
+        )
+    finally:
+        upload.release()
     return await run_in_threadpool(_answer, settings, result.job_id, result.existing, upload)
