@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -51,7 +52,14 @@ import rdkit
 from rdkit import Chem
 
 from benchmarks.chemprop_model import chemprop_exe, model_path
-from benchmarks.common import alternate, median, start_spies, summarise_profile, write_record
+from benchmarks.common import (
+    alternate,
+    fresh_postgres_database,
+    median,
+    start_spies,
+    summarise_profile,
+    write_record,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / ".bench" / "screening"
@@ -220,12 +228,15 @@ class Medbatch:
         chunk_size: int,
         triton_threads: int,
         canonicalize_processes: int = 1,
+        database: str = "sqlite",
     ) -> None:
         from core.settings import Settings
         from medbatch.stack.embedded import EmbeddedStack
         from medbatch.stack.process import free_port
 
         self.root = root
+        self.database = database  # each repetition's fresh database: SQLite or PostgreSQL
+        self.databases = ExitStack()
         self.n_workers, self.concurrency = workers, concurrency
         repo: dict[str, Any] = {}
         if triton_threads:
@@ -257,15 +268,19 @@ class Medbatch:
 
     def __exit__(self, *exc: object) -> None:
         self.stack.__exit__(None, None, None)
+        self.databases.close()
 
     def _fresh(self) -> tuple[Any, list[Any]]:
         from db.migrate import upgrade
         from medbatch.stack.worker_process import worker_process, worker_ready
 
         self.rep += 1
-        settings = self.base.model_copy(
-            update={"database_url": f"sqlite:///{self.root / f'rep{self.rep}.db'}"}
+        url = (
+            self.databases.enter_context(fresh_postgres_database())
+            if self.database == "postgresql"
+            else f"sqlite:///{self.root / f'rep{self.rep}.db'}"
         )
+        settings = self.base.model_copy(update={"database_url": url})
         upgrade(settings.database_url)
         procs = [
             worker_process(settings, self.root, concurrency=self.concurrency).start()
@@ -429,6 +444,12 @@ def main() -> None:
         help="MEDBATCH_CHEM_CANONICALIZE_PROCESSES of the submission (its CPU is then not in "
         "cpu_s.submitter)",
     )
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="medbatch's database (PostgreSQL: a fresh one per repetition on the local server)",
+    )
     parser.add_argument("--quick", action="store_true", help="2,000 molecules, one repetition")
     parser.add_argument("--profile", action="store_true", help="one more medbatch run, py-spy")
     parser.add_argument("--out-dir", type=Path, default=None)
@@ -457,6 +478,7 @@ def main() -> None:
             args.chunk_size,
             args.triton_threads,
             args.canonicalize_processes,
+            args.database,
         ) as med:
             warm = root / "warmup.csv"  # Triton's first requests, the workers' imports
             warm.write_text("\n".join(library.read_text().splitlines()[:1025]) + "\n")
@@ -516,6 +538,7 @@ def main() -> None:
         "screening",
         {
             "molecules": n,
+            "database": args.database,
             "sources": json.loads(manifest.read_text()),
             "reps": reps,
             "quick": args.quick,
