@@ -397,14 +397,15 @@ class S3Storage(Storage):
 
 
 _lock = threading.Lock()
-_cache: dict[tuple[int, str, str, float], Storage] = {}
+_cache: dict[tuple[int, str, str, float, Path | None], Storage] = {}
 
 
 def storage_for(settings: Settings) -> Storage:
     """The process's storage for these settings (a remote store's client is made per process,
     after a fork, never shared with a parent)."""
     url = settings.storage_url
-    ident = (os.getpid(), url, settings.s3_endpoint_url, settings.s3_timeout_s)
+    local_root = None if is_remote(url) else settings.objects_dir  # "" means storage_dir
+    ident = (os.getpid(), url, settings.s3_endpoint_url, settings.s3_timeout_s, local_root)
     with _lock:
         found = _cache.get(ident)
         if found is None:
