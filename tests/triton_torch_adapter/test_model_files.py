@@ -3,6 +3,7 @@ its model's name, and the state-dict hash that metrics.json and weights.pt recor
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -38,7 +39,13 @@ def test_state_dict_hash_covers_names_dtypes_shapes_and_bytes():
 
 
 def test_every_committed_model_loads_and_matches_its_recorded_hash():
-    for version in sorted(MODELS.glob("*/1")):
+    versions = sorted(MODELS.glob("*/1"))
+    with_weights = [v for v in versions if (v / "weights.pt").is_file()]
+    for version in set(versions) - set(with_weights):  # serves another model's weights
+        declared = re.search(r'weights_from = "(\w+)"', (version / "model.py").read_text())
+        assert declared, f"{version}: no weights.pt and no weights_from"
+        assert MODELS / declared.group(1) / "1" in with_weights, version
+    for version in with_weights:
         network = load_network(version)
         payload = load_weights(version)
         assert hasattr(network, "build_from_payload"), version
