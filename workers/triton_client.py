@@ -7,6 +7,8 @@ says about a request means the request itself is wrong, and retrying cannot help
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import threading
 
@@ -50,6 +52,19 @@ def reset_clients() -> None:
     """Forget clients (their channels belong to a parent process or a dead server)."""
     with _lock:
         _clients.clear()
+
+
+@atexit.register
+def _close_clients() -> None:
+    """Close this process's channels while gRPC is still whole: left to the garbage collector at
+    interpreter exit, a client's ``__del__`` runs after gRPC's module state is gone and prints a
+    traceback."""
+    with _lock:
+        mine = [c for (_, pid), c in _clients.items() if pid == os.getpid()]
+        _clients.clear()
+    for client in mine:
+        with contextlib.suppress(Exception):
+            client.close()
 
 
 def is_unavailable(exc: BaseException) -> bool:
