@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,25 @@ def storescu(
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@contextmanager
+def pacs_receiver(settings: Settings, out_dir: Path) -> Iterator[Path]:
+    """DCMTK's storescp as the PACS that results are sent back to (``dicom_destination``),
+    writing into ``out_dir``; stopped on exit."""
+    from medbatch.stack.process import port_open
+    from tests.helpers import wait_until
+    from workers.dicom.sendback import Destination
+
+    dest = Destination.parse(settings.dicom_destination)
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "--aetitle", dest.ae_title, "-od", str(out_dir), str(dest.port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open("127.0.0.1", dest.port), 30, "storescp to listen")
+        yield out_dir
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -6,7 +6,6 @@ backs off, fails saying so, and ``medbatch retry`` resumes it once the store is 
 from __future__ import annotations
 
 import io
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,13 +33,11 @@ from ingest.ehr.submit import submit_extract
 from medbatch.cli import app
 from medbatch.stack import probes
 from medbatch.stack.embedded import EmbeddedStack
-from medbatch.stack.process import port_open
 from medbatch.stack.s3_server import S3Server
 from medbatch.synth.ehr import write_long_csv
 from tests.conftest import make_settings, private_stack
-from tests.dicom_data import associate, dcmtk, make_series, storescu
+from tests.dicom_data import associate, make_series, pacs_receiver, storescu
 from tests.helpers import unique_valid, wait_for_job, wait_until, write_smi
-from workers.dicom.sendback import Destination
 from workers.dispatch import publish
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -69,19 +66,8 @@ def s3_stack(
 @pytest.fixture(scope="module")
 def receiver(s3_stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """DCMTK's storescp as the PACS results go back to (read from the bucket by the sender)."""
-    dest = Destination.parse(s3_stack.settings.dicom_destination)
-    out_dir = tmp_path_factory.mktemp("pacs")
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), "--aetitle", dest.ae_title, "-od", str(out_dir), str(dest.port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: port_open("127.0.0.1", dest.port), 30, "storescp to listen")
+    with pacs_receiver(s3_stack.settings, tmp_path_factory.mktemp("pacs")) as out_dir:
         yield out_dir
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _local_files(settings: Settings, folder: str) -> list[Path]:

@@ -17,10 +17,8 @@ from core.settings import Settings
 from db.models import DicomInstance, DicomResult, DicomStudy, Job, JobState
 from db.session import session_scope
 from medbatch.stack.embedded import EmbeddedStack
-from medbatch.stack.process import port_open
-from tests.dicom_data import CT_SMALL, MR_SMALL, dcmtk, make_series, storescu
+from tests.dicom_data import CT_SMALL, MR_SMALL, dcmtk, make_series, pacs_receiver, storescu
 from tests.helpers import wait_for_job, wait_until
-from workers.dicom.sendback import Destination
 
 pytestmark = pytest.mark.server
 
@@ -28,19 +26,8 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def receiver(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """DCMTK's storescp as the PACS that results are sent back to."""
-    dest = Destination.parse(stack.settings.dicom_destination)
-    out_dir = tmp_path_factory.mktemp("pacs")
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), "--aetitle", dest.ae_title, "-od", str(out_dir), str(dest.port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: port_open("127.0.0.1", dest.port), 30, "storescp to listen")
+    with pacs_receiver(stack.settings, tmp_path_factory.mktemp("pacs")) as out_dir:
         yield out_dir
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _study_jobs(settings: Settings, study_uid: str, kind: JobKind) -> list[Job]:
