@@ -176,6 +176,11 @@ class Settings(BaseSettings):
         "file size / this buckets, each scored by one task.",
     )
     ehr_max_buckets: int = Field(512, ge=1, le=2048, description="Open spill files at most.")
+    ehr_release_grouped: bool = Field(
+        True,
+        description="While an extract arrives grouped by patient, score complete patients in "
+        "early buckets as the ingest goes on (checked as it reads; ingest/ehr/release.py).",
+    )
     ehr_triton_batch: int = Field(256, ge=1, le=256, description="Patients per Triton request.")
     ehr_diabetes_model_version: str = "1"
     ehr_cvd_model_version: str = "1"

@@ -42,12 +42,22 @@ SCORE_COLUMNS = (
     "created_at",
 )
 _CONFLICT = "(extract_id, patient_id, model_name)"
+_REPLACE = "DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}"
+    for c in SCORE_COLUMNS
+    if c not in ("extract_id", "patient_id", "model_name")
+)
 
 
-def insert_scores(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+def insert_scores(
+    session: Session, rows: Sequence[dict[str, Any]], *, replace: bool = False
+) -> int:
     """Store scoring rows (dicts keyed by :data:`SCORE_COLUMNS`) once each: a row whose
     (extract, patient, model) is already stored is skipped, so a redelivered batch writes
-    nothing twice. Returns the rows inserted.
+    nothing twice. Returns the rows inserted (or replaced).
+
+    ``replace``: a stored row is overwritten instead (a patient scored early on part of its rows,
+    ``ingest.ehr.release``, is scored again on all of them).
 
     The rows go to the driver as columns converted once per column by the columns' own
     SQLAlchemy types (JSON by the engine's serialiser, timestamps as the dialect stores them),
@@ -70,22 +80,22 @@ def insert_scores(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     names = ", ".join(SCORE_COLUMNS)
     raw = connection.connection.dbapi_connection
     assert raw is not None
+    on_conflict = f"ON CONFLICT {_CONFLICT} " + (_REPLACE if replace else "DO NOTHING")
     if dialect.name == "postgresql":
-        return _copy_scores(raw, records)
+        return _copy_scores(raw, records, on_conflict)
     marks = ", ".join("?" * len(SCORE_COLUMNS))
     before = raw.total_changes  # type: ignore[attr-defined]
     cursor = raw.cursor()
     try:
         cursor.executemany(
-            f"INSERT INTO ehr_scores ({names}) VALUES ({marks}) ON CONFLICT {_CONFLICT} DO NOTHING",
-            records,
+            f"INSERT INTO ehr_scores ({names}) VALUES ({marks}) {on_conflict}", records
         )
     finally:
         cursor.close()
     return int(raw.total_changes - before)  # type: ignore[attr-defined]
 
 
-def _copy_scores(raw: Any, records: list[tuple[Any, ...]]) -> int:
+def _copy_scores(raw: Any, records: list[tuple[Any, ...]], on_conflict: str) -> int:
     """PostgreSQL: ``COPY`` straight into ``ehr_scores`` (a first delivery, nearly always);
     if some row is already stored (a redelivered batch), undo that under a savepoint and go
     through a temporary table and ``INSERT … ON CONFLICT DO NOTHING`` instead."""
@@ -113,7 +123,7 @@ def _copy_scores(raw: Any, records: list[tuple[Any, ...]]) -> int:
                 copy.write_row(record)
         cur.execute(
             f"INSERT INTO ehr_scores ({names}) SELECT {names} FROM ehr_scores_incoming "
-            f"ON CONFLICT {_CONFLICT} DO NOTHING"
+            f"{on_conflict}"
         )
         return int(cur.rowcount)
 

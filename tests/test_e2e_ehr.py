@@ -146,6 +146,53 @@ def test_extract_with_broken_rows_is_scored_per_valid_patient(
     assert "Risk distribution" in page
 
 
+@pytest.mark.slow
+def test_a_grouped_extract_is_scored_while_read_and_a_late_row_rescores_its_patient(
+    stack: EmbeddedStack, tmp_path: Path
+) -> None:
+    """Each patient's rows together (a warehouse query's order), but the first patient's first
+    two rows at the end of the file (a late lab result): complete patients are released in early
+    buckets while the file is read; the late rows reopen the first patient, whose score is then
+    replaced by one on all its rows. Every patient ends with one score per model, on all its
+    rows."""
+    s = stack.settings
+    source = tmp_path / "grouped-source.csv"
+    write_long_csv(source, 12_000, seed=96, messiness=0.0)  # ~0.5 M rows, ~25 MB
+    header, *body = source.read_text().splitlines(keepends=True)
+    first = body[0].split(",", 1)[0]
+    assert body[1].startswith(first + ",")
+    path = tmp_path / "grouped.csv"
+    path.write_text(header + "".join(body[2:]) + "".join(body[:2]))
+
+    result = CliRunner().invoke(app, ["ehr", str(path), "--timeout", "300"])
+    assert result.exit_code == 0, result.output
+    extract_id = _extract_job(s, path)
+    job = wait_for_job(s, extract_id, timeout=300)
+    assert job.state == JobState.DONE.value, job.error
+    assert job.summary["early_buckets"] >= 2  # released before the end of the file
+    assert job.summary["grouped_by_patient"] is False
+    assert job.summary["reopened_patients"] == 1
+    expected = _accepted_patients(path)
+    scores = _scores(s, extract_id)
+    assert len(scores) == 2 * len(expected)
+    assert {(r.patient_id, r.model_name) for r in scores} == {
+        (p, m) for p in expected for m in MODELS
+    }
+    assert all(r.measurements == expected[r.patient_id] for r in scores)
+    with session_scope(s.database_url) as session:
+        batches = {
+            j.id: j
+            for j in session.scalars(
+                select(Job).where(Job.parent_id == extract_id, Job.kind == JobKind.EHR_BATCH.value)
+            )
+        }
+    early = {r.patient_id for r in scores if ":early:" in (batches[r.job_id].idempotency_key or "")}
+    assert len(early) > len(expected) // 2  # most patients were scored while the file was read
+    assert first not in early  # the reopened patient: by a late bucket, which supersedes
+    late = [j for j in batches.values() if ":early:" not in (j.idempotency_key or "")]
+    assert late and all(j.params.get("supersede") for j in late)
+
+
 def test_the_same_file_dropped_twice_is_scored_once(stack: EmbeddedStack, tmp_path: Path) -> None:
     drop = tmp_path / "drop"
     drop.mkdir()

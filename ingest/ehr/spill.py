@@ -78,25 +78,21 @@ class BucketSpill:
         return self.directory / f"bucket-{index:04d}.arrow"
 
     def add(self, block: LongBlock) -> None:
-        if not len(block):
+        if len(block):
+            self.add_table(block_table(block))
+
+    def add_table(self, table: pa.Table) -> None:
+        """Append measurements already in :data:`SCHEMA` (a block, or rows of an early bucket)."""
+        if not table.num_rows:
             return
-        encoded = pc.dictionary_encode(block.patient_id)
+        encoded = pc.dictionary_encode(table.column("patient_id").combine_chunks())
         unique_bucket = buckets_of(encoded.dictionary.to_pylist(), self.n)
         bucket = unique_bucket[encoded.indices.to_numpy(zero_copy_only=False)]
         order = np.argsort(bucket, kind="stable")
         sorted_buckets = bucket[order]
         starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]])
         ends = np.r_[starts[1:], len(order)]
-        table = pa.table(
-            [
-                block.patient_id,
-                pa.array(block.timestamp, pa.timestamp("us")),
-                pa.array(block.variable, pa.int8()),
-                pa.array(block.value, pa.float64()),
-                pa.array(block.lines, pa.int64()),
-            ],
-            schema=SCHEMA,
-        ).take(pa.array(order))
+        table = table.take(pa.array(order))
         for start, end in zip(starts, ends, strict=True):
             index = int(sorted_buckets[start])
             writer = self._writers.get(index)
@@ -116,6 +112,20 @@ class BucketSpill:
             buckets.append(Bucket(index, self.path(index), int(self._rows[index])))
         self._writers.clear()
         return buckets
+
+
+def block_table(block: LongBlock) -> pa.Table:
+    """A block's accepted measurements as a table in :data:`SCHEMA`, in file order."""
+    return pa.table(
+        [
+            block.patient_id,
+            pa.array(block.timestamp, pa.timestamp("us")),
+            pa.array(block.variable, pa.int8()),
+            pa.array(block.value, pa.float64()),
+            pa.array(block.lines, pa.int64()),
+        ],
+        schema=SCHEMA,
+    )
 
 
 def read_bucket(path: Path | pa.Buffer) -> pa.Table:

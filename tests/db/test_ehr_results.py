@@ -214,3 +214,34 @@ def _seed_other(url: str) -> int:
             )
         )
         return int(extract.id)
+
+
+def test_superseding_score_inserts_replace_a_stored_row_and_add_the_rest(db_url: str) -> None:
+    """``replace=True`` (a patient released early on part of its rows, scored again on all of
+    them): its stored rows are overwritten, new ones added; on PostgreSQL through the COPY
+    path's fallback, on SQLite by ``ON CONFLICT DO UPDATE``."""
+    from db.ehr_results import insert_scores
+
+    first = _seed(db_url)
+    with session_scope(db_url) as session:
+        job = session.scalars(select(Job.id).where(Job.parent_id == first)).one()
+        assert insert_scores(session, _score_rows(first, job, range(100, 110))) == 20
+    late = _score_rows(first, job, range(105, 115))
+    for row in late:
+        row["measurements"] = 1000 + int(str(row["patient_id"])[-3:])
+        row["explanation"] = {"top_variables": [], "late": True}
+    with session_scope(db_url) as session:
+        assert insert_scores(session, late, replace=True) == 20
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(EhrScore.patient_id, EhrScore.measurements, EhrScore.explanation).where(
+                EhrScore.extract_id == first, EhrScore.patient_id.like("MRN-%")
+            )
+        ).all()
+    assert len(rows) == 30  # 100..114, two models each: nothing twice
+    for patient, measurements, explanation in rows:
+        i = int(patient[-3:])
+        if i >= 105:
+            assert measurements == 1000 + i and explanation.get("late") is True
+        else:
+            assert measurements == 90 + i and "late" not in explanation

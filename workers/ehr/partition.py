@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task
-from sqlalchemy import update
+from sqlalchemy import delete, select, update
 
 from core.errors import InputError
 from core.job_kinds import JobKind
@@ -26,10 +26,11 @@ from core.storage import Storage, scratch, storage_for
 from db import audit
 from db.insert_ignore import insert_ignore
 from db.jobs import finish_parent_if_complete, transition
-from db.models import Job, JobState, Rejection, utcnow
+from db.models import EhrScore, Job, JobState, Rejection, utcnow
 from db.session import session_scope
 from ingest.ehr.fhir_export import fingerprint
 from ingest.ehr.reader import LongBlock, read_extract
+from ingest.ehr.release import EarlyBucket, GroupedRelease
 from ingest.ehr.spill import Bucket, BucketSpill, bucket_count
 from workers.dispatch import publish
 from workers.lifecycle import Claim, claim, job_task
@@ -120,7 +121,9 @@ def _store_rejections(extract_id: int, block: LongBlock, settings: Settings) -> 
 
 
 def _reject(job: Claim, settings: Settings, error: str, summary: dict[str, Any]) -> str:
-    """The file cannot be read as an extract: the ingest and the extract are both rejected."""
+    """The file cannot be read as an extract: the ingest and the extract are both rejected, and
+    so are the early buckets already released (scores stored from them are removed: an early
+    batch still running removes its own when it ends, see ``tasks.score_batch``)."""
     actor = audit.current_actor("worker")
     with session_scope(settings.database_url) as session:
         transition(
@@ -130,6 +133,22 @@ def _reject(job: Claim, settings: Settings, error: str, summary: dict[str, Any])
             transition(
                 session, job.parent_id, JobState.REJECTED, actor=actor, error=error, summary=summary
             )
+            early = session.scalars(
+                select(Job.id).where(
+                    Job.parent_id == job.parent_id,
+                    Job.kind == JobKind.EHR_BATCH.value,
+                    Job.state == JobState.QUEUED.value,
+                )
+            ).all()
+            for batch_id in early:
+                transition(
+                    session,
+                    batch_id,
+                    JobState.REJECTED,
+                    actor=actor,
+                    error=f"its extract was rejected: {error}",
+                )
+            session.execute(delete(EhrScore).where(EhrScore.extract_id == job.parent_id))
     CHUNKS.labels(job.kind, JobState.REJECTED.value).inc()
     return "rejected"
 
@@ -176,6 +195,15 @@ def _ingest(job: Claim, settings: Settings, storage: Storage, path: Path, tmp: P
     prefix = f"ehr/extract-{extract_id}"
     spill_dir = settings.ehr_spool_dir / prefix[4:] if storage.is_local else tmp / "spill"
     spill = BucketSpill(spill_dir, n)
+    # An earlier delivery of this ingest that released early buckets: their jobs stand (they
+    # may have run); this delivery releases none and its hash buckets replace their scores.
+    earlier = _early_jobs(settings, extract_id)
+    if not earlier:
+        storage.delete_prefix(f"{prefix}-early")  # files of a delivery killed before any job
+    release = GroupedRelease(
+        tmp / "early", spill, enabled=settings.ehr_release_grouped and not earlier
+    )
+    early_ids: list[int] = []
     started = time.perf_counter()
     try:
         blocks = read_extract(
@@ -185,11 +213,14 @@ def _ingest(job: Claim, settings: Settings, storage: Storage, path: Path, tmp: P
             on_bytes=progress.on_bytes,
         )
         for block in blocks:
-            spill.add(block)
             progress.add(block)
+            for early in release.add(block, _bucket_rows(settings, progress)):
+                early_ids.append(_release_early(job, extract_id, early, storage, prefix, settings))
             if block.rejections:
                 _store_rejections(extract_id, block, settings)
             progress.tick()
+        for early in release.close():
+            early_ids.append(_release_early(job, extract_id, early, storage, prefix, settings))
     except InputError as exc:
         spill.close()
         return _reject(job, settings, str(exc), progress.summary())
@@ -198,7 +229,10 @@ def _ingest(job: Claim, settings: Settings, storage: Storage, path: Path, tmp: P
     seconds = time.perf_counter() - started
     summary = {
         **progress.summary(),
-        "buckets": len(buckets),
+        "buckets": len(buckets) + len(early_ids) + len(earlier),
+        "early_buckets": len(early_ids) + len(earlier),
+        "grouped_by_patient": release.grouped and not earlier,
+        "reopened_patients": len(release.reopened),
         "seconds": round(seconds, 3),
         "rows_per_s": round((progress.accepted + sum(progress.rejected.values())) / seconds),
         **(
@@ -209,21 +243,93 @@ def _ingest(job: Claim, settings: Settings, storage: Storage, path: Path, tmp: P
         "rss_start_mb": round(rss_start, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
-    batch_ids = _commit_batches(job, extract_id, buckets, keys, summary, settings)
+    supersede = bool(release.reopened or earlier)
+    batch_ids = _commit_batches(job, extract_id, buckets, keys, summary, settings, supersede)
     CHUNKS.labels(job.kind, JobState.DONE.value).inc()
     for batch_id in batch_ids:
         publish(batch_id, JobKind.EHR_BATCH.value)
     with session_scope(settings.database_url) as session:
         finish_parent_if_complete(session, extract_id, actor=audit.current_actor("worker"))
     log.info(
-        "extract job %s ingested: %d measurements, %d rejected rows, %d batches, %.1f s",
+        "extract job %s ingested: %d measurements, %d rejected rows, %d batches "
+        "(%d released early), %.1f s",
         extract_id,
         progress.accepted,
         sum(progress.rejected.values()),
-        len(batch_ids),
+        len(batch_ids) + len(early_ids),
+        len(early_ids),
         seconds,
     )
     return "done"
+
+
+def _bucket_rows(settings: Settings, progress: _Progress) -> int:
+    """Rows of an early bucket: about ``ehr_bucket_bytes`` of the file, from the rows per byte
+    read so far (the hash buckets are sized the same way, from the file's size)."""
+    if not progress.bytes_read:
+        return settings.ehr_bucket_bytes // 64
+    return int(settings.ehr_bucket_bytes * progress.accepted / progress.bytes_read)
+
+
+def _early_jobs(settings: Settings, extract_id: int) -> list[int]:
+    """Early bucket jobs an earlier delivery of this ingest committed."""
+    with session_scope(settings.database_url) as session:
+        return list(
+            session.scalars(
+                select(Job.id).where(
+                    Job.parent_id == extract_id,
+                    Job.idempotency_key.like(f"ehr_batch:{extract_id}:early:%"),
+                )
+            ).all()
+        )
+
+
+def _release_early(
+    job: Claim,
+    extract_id: int,
+    early: EarlyBucket,
+    storage: Storage,
+    prefix: str,
+    s: Settings,
+) -> int:
+    """Store one early bucket, commit its scoring job and publish it: scoring starts while the
+    ingest goes on. The ingest keeps its own copy (``early.path``) until it ends."""
+    key = f"{prefix}-early/{early.path.name}"
+    storage.put_file(key, early.path)
+    actor = audit.current_actor("worker")
+    with session_scope(s.database_url) as session:
+        batch = Job(
+            kind=JobKind.EHR_BATCH.value,
+            parent_id=extract_id,
+            source=job.params["path"].rsplit("/", 1)[-1][:512],
+            idempotency_key=f"ehr_batch:{extract_id}:early:{early.index}",
+            state=JobState.QUEUED.value,
+            queued_at=utcnow(),
+            params={
+                "spool_file": key,
+                "bucket": f"early-{early.index}",
+                "models": job.params["models"],
+            },
+            item_count=early.rows,
+        )
+        session.add(batch)
+        session.flush()
+        audit.append(
+            session,
+            actor=actor,
+            action="job.queued",
+            subject=f"job:{batch.id}",
+            details={
+                "kind": batch.kind,
+                "parent": extract_id,
+                "rows": early.rows,
+                "patients": early.patients,
+                "early": True,
+            },
+        )
+        batch_id = int(batch.id)
+    publish(batch_id, JobKind.EHR_BATCH.value)
+    return batch_id
 
 
 def _keep(storage: Storage, prefix: str, buckets: list[Bucket]) -> list[str]:
@@ -245,8 +351,11 @@ def _commit_batches(
     keys: list[str],
     summary: dict[str, Any],
     s: Settings,
+    supersede: bool,
 ) -> list[int]:
-    """One transaction: a queued scoring job per bucket, the ingest done, the extract's counts."""
+    """One transaction: a queued scoring job per bucket, the ingest done, the extract's counts.
+    ``supersede``: some patient of these buckets was scored from an early bucket on part of its
+    rows; these jobs' scores replace those."""
     actor = audit.current_actor("worker")
     with session_scope(s.database_url) as session:
         batches = [
@@ -261,6 +370,7 @@ def _commit_batches(
                     "spool_file": key,
                     "bucket": b.index,
                     "models": job.params["models"],
+                    **({"supersede": True} if supersede else {}),
                 },
                 item_count=b.rows,
             )

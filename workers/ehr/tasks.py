@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from celery import Task
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from core.errors import (
     InferenceError,
@@ -32,7 +32,7 @@ from core.settings import Settings
 from core.storage import storage_for
 from db import audit
 from db.ehr_results import insert_scores
-from db.models import EhrScore, JobState, utcnow
+from db.models import EhrScore, Job, JobState, utcnow
 from db.session import session_scope
 from ingest.ehr.spill import read_bucket
 from workers.ehr.scoring import (
@@ -189,7 +189,9 @@ class _Pipeline:
         for row in self.unstored:
             row.update(extract_id=self.job.parent_id, job_id=self.job.job_id, created_at=now)
         with session_scope(self.settings.database_url) as session:
-            self.stored += insert_scores(session, self.unstored)
+            self.stored += insert_scores(
+                session, self.unstored, replace=bool(self.job.params.get("supersede"))
+            )
         self.unstored = []
         self.seconds["store"] += time.perf_counter() - t0
 
@@ -244,6 +246,19 @@ def _drop_bucket(settings: Settings, spool: str) -> None:
         log.warning("could not delete a scored EHR bucket: %s", exc)
 
 
+def _extract_rejected(settings: Settings, job: Claim) -> str | None:
+    """An early bucket scored while its extract's ingest went on, and the ingest then rejected
+    the file: the scores this job stored are removed (the ingest removed those stored before it
+    rejected); the extract's error, else None. Checked after this job's last commit, so that
+    whichever of the two ends last removes them."""
+    with session_scope(settings.database_url) as session:
+        extract = session.get(Job, job.parent_id)
+        if extract is None or extract.state != JobState.REJECTED.value:
+            return None
+        session.execute(delete(EhrScore).where(EhrScore.job_id == job.job_id))
+        return extract.error or "rejected"
+
+
 @job_task(JobKind.EHR_BATCH)
 def score_batch(self: Task, job_id: int, settings: Settings) -> str:
     job = claim(self, job_id, settings)
@@ -276,6 +291,10 @@ def score_batch(self: Task, job_id: int, settings: Settings) -> str:
         pipeline.close()
     if outcome:
         return outcome
+    if rejected := _extract_rejected(settings, job):
+        close(job, JobState.REJECTED, settings, error=f"its extract was rejected: {rejected}")
+        _drop_bucket(settings, spool)
+        return "rejected"
     n_patients, stored = pipeline.patients, pipeline.stored
     with session_scope(settings.database_url) as session:
         ood = int(
