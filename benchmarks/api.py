@@ -36,7 +36,7 @@ from benchmarks.common import alternate, median, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / ".bench" / "api"
-POLL_S = 0.5  # what `medbatch screen` polls at (services.jobs.wait_for_job)
+POLL_S = 0.1  # what `medbatch screen` polls at (services.jobs.POLL_S, wait_for_job)
 
 
 def _library(n: int) -> Path:

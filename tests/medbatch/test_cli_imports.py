@@ -48,7 +48,9 @@ def test_the_ehr_command_path_draws_nothing() -> None:
     drawing or DICOM library in it."""
     modules = _loaded_after(
         "import medbatch.cli\n"
-        "from medbatch.services.ehr import extract_progress, extract_summary, submit_extract"
+        "from medbatch.services.ehr import extract_progress, extract_summary, submit_extract\n"
+        "import ingest.ehr.submit, workers.dispatch  # what submit_extract imports when called"
     )
     drawn = {"matplotlib", "rdkit", "pynetdicom", "pydicom", "highdicom", "PIL"}
     assert sorted(h for h in _heavy_in(modules) if h in drawn) == []
+    assert "pyarrow" not in modules  # the worker reads the extract, not the submitter
