@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from core.errors import MedbatchError
 
 if TYPE_CHECKING:
-    # The embedded stack's machinery (Alembic, probes, process supervision) and redis are
-    # imported by the functions that use them: `medbatch ehr FILE` and `--help` need neither.
+    # The embedded stack's machinery (probes, process supervision, Alembic) is imported by
+    # running_stack, redis by prepare_submission: a submission (`medbatch ehr FILE`, the API)
+    # never loads the first, and importing this module loads neither.
     from core.settings import Settings
     from ingest.dicom.listener import Listener
     from medbatch.stack.embedded import EmbeddedStack, Reporter
