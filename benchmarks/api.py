@@ -4,7 +4,7 @@
     ``POST /api/v1/libraries`` and polling ``GET /api/v1/jobs/{id}``, against ``medbatch screen``
     on the same file, time to ``done`` (goal: the API ≤ 1.1× the CLI's time). Redis and Triton
     start once; each repetition gets a fresh SQLite database, fresh workers and (API side) a
-    fresh ``medbatch serve`` on it, all started before the clock. Both clients poll every 0.5 s.
+    fresh ``medbatch serve`` on it, all started before the clock. Both clients poll every 0.1 s.
 (b) **Export**: 1 M EHR result rows (one per patient) through ``GET /api/v1/jobs/{id}/results``
     as CSV and Parquet, against ``medbatch results --out`` on the same extract; the server's peak
     memory during each download (its ``VmHWM``, reset before each) and the CLI process's. The
@@ -36,7 +36,7 @@ from benchmarks.common import alternate, median, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / ".bench" / "api"
-POLL_S = 0.5  # what `medbatch screen` polls at (services.jobs.wait_for_job)
+POLL_S = 0.1  # what `medbatch screen` polls at (services.jobs.POLL_S, wait_for_job)
 
 
 def _library(n: int) -> Path:

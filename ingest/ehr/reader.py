@@ -14,7 +14,6 @@ number, and accepted rows are numbered around them.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -29,6 +28,7 @@ from pyarrow import csv as pacsv
 
 from core.errors import InputError
 from ingest.ehr.blocks import VARIABLE_CODES, LongBlock, Rejection
+from ingest.ehr.formats import detect_format, header_fields
 from ingest.ehr.schema import (
     LONG_COLUMNS,
     WIDE_KEY_COLUMNS,
@@ -41,7 +41,7 @@ from ingest.ehr.schema import (
     parse_wide_header,
     variable,
 )
-from ingest.text import open_text, read_first_line
+from ingest.text import open_text
 
 _NUMBER = r"^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*$"
 
@@ -388,33 +388,6 @@ def _source(path: Path, on_bytes: Callable[[int], None] | None) -> BinaryIO:
     return open_text(path, on_bytes=on_bytes).stream
 
 
-def _header(path: Path) -> list[str]:
-    """The header line's fields, as every reader of the file sees them."""
-    return next(csv.reader([read_first_line(path)]), [])
-
-
-def detect_format(path: Path) -> str:
-    """``long`` or ``wide`` from the header line, ``fhir`` for a Bulk Data export (a folder, a
-    .zip or .tar of one, or NDJSON; :mod:`ingest.ehr.fhir_export`); anything else is not an
-    extract."""
-    from ingest.ehr.fhir_export import looks_like_export, open_export
-
-    if looks_like_export(path):
-        open_export(path)  # raises, saying why, when it holds nothing to score
-        return "fhir"
-    header = [h.strip().lower() for h in _header(path)]
-    if header[: len(LONG_COLUMNS)] == list(LONG_COLUMNS):
-        return "long"
-    if header[:2] == list(WIDE_KEY_COLUMNS) and len(header) > 2:
-        return "wide"
-    raise InputError(
-        f"{path.name}: not an EHR extract: the header must be "
-        f"'{','.join(LONG_COLUMNS)}' (long format) or start with "
-        f"'{','.join(WIDE_KEY_COLUMNS)}' followed by '<variable> (<unit>)' columns (wide format), "
-        "or it must be a FHIR Bulk Data export (a folder, .zip or .tar of NDJSON files)"
-    )
-
-
 def read_extract(
     path: Path,
     fmt: str | None = None,
@@ -441,7 +414,7 @@ def read_wide(
 ) -> Iterator[LongBlock]:
     """Yield validated blocks of a wide extract (``patient_id,timestamp,<variable> (<unit>)…``)
     as measurements, one per filled cell; a row with any bad cell is rejected whole."""
-    header = _header(path)
+    header = header_fields(path)
     if [h.strip() for h in header[:2]] != list(WIDE_KEY_COLUMNS) or len(header) < 3:
         raise InputError(
             f"{path.name}: not a wide extract: the header must start with "

@@ -32,7 +32,7 @@ from ingest.ehr.fhir_export import (
     looks_like_export,
     open_export,
 )
-from ingest.ehr.reader import detect_format
+from ingest.ehr.formats import detect_format
 from ingest.files import file_sha256
 from ingest.text import text_size
 

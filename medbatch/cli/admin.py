@@ -10,14 +10,13 @@ from rich.table import Table
 from core.errors import MedbatchError
 from medbatch.cli.app import audit_app, db_app, token_app
 from medbatch.cli.common import console, fail, ok, out, settings, terminal_user
-from medbatch.services import tokens
-from medbatch.services.audit import verify_audit
-from medbatch.services.stack import migrate
 
 
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Walk the audit hash chain; name the first broken link (exit 1 if broken)."""
+    from medbatch.services.audit import verify_audit
+
     report = verify_audit(settings())
     if report.ok:
         out.print(f"[green]audit chain intact[/]: {report.events} events verified")
@@ -32,6 +31,8 @@ def audit_verify() -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply Alembic migrations."""
+    from medbatch.services.stack import migrate
+
     migrate(settings(), revision)
     out.print(f"database at {revision}")
 
@@ -44,6 +45,9 @@ def token_create(
     ] = "read",
 ) -> None:
     """Create a token; the token is printed alone on the last line (shown only this once)."""
+    from medbatch.services import tokens
+    from medbatch.services.stack import migrate
+
     s = settings()
     try:
         migrate(s)
@@ -59,6 +63,8 @@ def token_create(
 @token_app.command("list")
 def token_list() -> None:
     """Every token: scopes, who created it and when, last use, revoked or not."""
+    from medbatch.services import tokens
+
     table = Table("name", "scopes", "created", "by", "last used", "revoked")
     for t in tokens.list_tokens(settings()):
         table.add_row(
@@ -75,6 +81,8 @@ def token_list() -> None:
 @token_app.command("revoke")
 def token_revoke(name: Annotated[str, typer.Argument(help="The token's name.")]) -> None:
     """Revoke a token at once: requests carrying it get 401 from now on."""
+    from medbatch.services import tokens
+
     try:
         tokens.revoke_token(settings(), name, actor=terminal_user())
     except MedbatchError as exc:

@@ -8,16 +8,20 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from core.settings import Settings, get_settings
-from medbatch.services import jobs as job_service
-from medbatch.services.actors import terminal_user
-from medbatch.services.results import export_results
+
+if TYPE_CHECKING:
+    from medbatch.services.jobs import Progress as JobProgress
+
+# The services (SQLAlchemy, the database models, and what each service needs) are imported in
+# the functions that call them, not here: `medbatch --help` and a command that needs one service
+# do not pay for all of them (tests/medbatch/test_cli_imports.py keeps it so).
 
 console = Console(stderr=True)  # progress, notes and errors
 out = Console()  # the answer itself (tables, counts)
@@ -43,6 +47,13 @@ def settings() -> Settings:
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     return s
+
+
+def terminal_user() -> str:
+    """``user:<login>@<host>``: the person running a ``medbatch`` command."""
+    from medbatch.services.actors import terminal_user as user
+
+    return user()
 
 
 def fail(exc: Exception) -> typer.Exit:
@@ -82,6 +93,8 @@ def wait_for_stop() -> None:
 
 def wait_with_progress(s: Settings, job_id: int, timeout: float, what: str = "chunks") -> None:
     """Follow a job's children to the end with a progress bar."""
+    from medbatch.services.jobs import wait_for_job
+
     with progress(
         TextColumn("[bold]scoring[/] job {task.fields[job]}"),
         BarColumn(),
@@ -90,13 +103,15 @@ def wait_with_progress(s: Settings, job_id: int, timeout: float, what: str = "ch
     ) as bar:
         task = bar.add_task("score", total=None, job=job_id)
 
-        def show(p: job_service.Progress) -> None:
+        def show(p: JobProgress) -> None:
             total = p.children_total
             bar.update(task, total=total or 1, completed=p.children_finished if total else 1)
 
-        job_service.wait_for_job(s, job_id, timeout, show)
+        wait_for_job(s, job_id, timeout, show)
 
 
 def export(s: Settings, job_id: int, out_file: Path, *, in_domain_only: bool = False) -> None:
+    from medbatch.services.results import export_results  # pyarrow: only when exporting
+
     n = export_results(s, job_id, out_file, actor=terminal_user(), in_domain_only=in_domain_only)
     ok(f"wrote {n} rows to {out_file}")

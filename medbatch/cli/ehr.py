@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, TaskID, TextColumn
 from rich.table import Table
 
 from core.errors import MedbatchError
-from core.settings import Settings
 from medbatch.cli.app import app
 from medbatch.cli.common import (
     console,
@@ -23,13 +22,19 @@ from medbatch.cli.common import (
     settings,
     terminal_user,
 )
-from medbatch.services import ehr as ehr_service
-from medbatch.services.reports import render_report
-from medbatch.services.stack import running_stack
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+#: Seconds between polls while following an extract: the command returns at most this long
+#: after the extract ends. Each poll is one SELECT (extract_progress), so ten a second.
+POLL_S = 0.1
 
 
 def follow(s: Settings, extract_id: int, timeout: float) -> None:
     """Progress bars for the ingest (bytes) and the scoring (batches) until the extract ends."""
+    from medbatch.services.ehr import extract_progress
+
     deadline = time.monotonic() + timeout
     with progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[note]}")
@@ -37,7 +42,7 @@ def follow(s: Settings, extract_id: int, timeout: float) -> None:
         reading = bars.add_task("reading", total=None, note="")
         scoring: TaskID | None = None
         while True:
-            p = ehr_service.extract_progress(s, extract_id)
+            p = extract_progress(s, extract_id)
             if p.size_bytes:
                 bars.update(
                     reading,
@@ -46,7 +51,7 @@ def follow(s: Settings, extract_id: int, timeout: float) -> None:
                     note=f"{p.bytes_read / 1e6:,.0f} MB · {p.accepted_rows:,} rows, "
                     f"{p.rejected_rows:,} rejected",
                 )
-            if p.batches:
+            if p.batches_total:
                 total, done = p.batches_total, p.batches_finished
                 if scoring is None:
                     scoring = bars.add_task("scoring", total=total, note="batches")
@@ -58,11 +63,13 @@ def follow(s: Settings, extract_id: int, timeout: float) -> None:
                     f"job {extract_id} not finished after {timeout:.0f} s; "
                     f"`medbatch jobs {extract_id}` shows it"
                 )
-            time.sleep(0.5)
+            time.sleep(POLL_S)
 
 
 def summary_table(s: Settings, extract_id: int) -> Table:
-    c = ehr_service.extract_summary(s, extract_id)
+    from medbatch.services.ehr import extract_summary
+
+    c = extract_summary(s, extract_id)
     table = Table(title=f"EHR extract job {c.job_id}: {c.source} — {c.state}", show_header=False)
     table.add_row("measurements accepted", f"{c.accepted_rows:,}")
     table.add_row("rows rejected", f"{c.rejected_rows:,}")
@@ -82,8 +89,10 @@ def summary_table(s: Settings, extract_id: int) -> Table:
 
 
 def submit_and_follow(s: Settings, path: Path, *, force: bool, wait: bool, timeout: float) -> int:
+    from medbatch.services.ehr import submit_extract
+
     console.print(f"hashing {path.name} …")
-    result = ehr_service.submit_extract(s, path, force=force, actor=terminal_user())
+    result = submit_extract(s, path, force=force, actor=terminal_user())
     if result.existing:
         console.print(
             f"[yellow]this extract's content was already submitted as job {result.job_id}; "
@@ -159,6 +168,9 @@ def demo_ehr(
 ) -> None:
     """Nightly EHR scoring end to end: a synthetic extract with broken rows is scored by every
     EHR model; results CSV, an HTML report with attention per patient, and AUROC vs the truth."""
+    from medbatch.services.ehr import truth_auroc
+    from medbatch.services.reports import render_report
+    from medbatch.services.stack import running_stack
     from medbatch.synth.ehr import SynthStats, write_long_csv
 
     s = settings()
@@ -184,7 +196,7 @@ def demo_ehr(
             ok(f"wrote {work / 'report.html'}: open it in a browser")
     except MedbatchError as exc:
         raise fail(exc) from exc
-    for model, value in ehr_service.truth_auroc(s, job_id, stats.truth_path).items():
+    for model, value in truth_auroc(s, job_id, stats.truth_path).items():
         shown = "n/a" if value is None else f"{value:.3f}"
         out.print(f"AUROC of {model} against the generator's ground truth: {shown}")
     out.print("Reference models on synthetic data: not for clinical use.")

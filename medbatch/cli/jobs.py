@@ -11,8 +11,6 @@ from rich.table import Table
 from core.errors import MedbatchError
 from medbatch.cli.app import app
 from medbatch.cli.common import export, fail, ok, out, settings, terminal_user
-from medbatch.services import jobs as job_service
-from medbatch.services.reports import render_report
 
 #: The job whose results are exported or reported.
 ResultsJob = Annotated[
@@ -26,6 +24,8 @@ def jobs(
     limit: Annotated[int, typer.Option(help="Newest jobs to list.")] = 20,
 ) -> None:
     """Job status: the newest top-level jobs, or one job with its chunks."""
+    from medbatch.services import jobs as job_service
+
     s = settings()
     try:
         if job_id is not None:
@@ -94,6 +94,8 @@ def report(
 ) -> None:
     """An HTML report. Screening: counts, the logS histogram, structures at both ends, rejected
     rows. EHR: counts, risk distributions, attention over visits per patient, rejected rows."""
+    from medbatch.services.reports import render_report
+
     try:
         render_report(settings(), job_id, out_file, actor=terminal_user(), patients=patient)
     except MedbatchError as exc:
@@ -111,8 +113,10 @@ def retry(
     ],
 ) -> None:
     """Re-queue failed jobs (after fixing what made them fail)."""
+    from medbatch.services.jobs import retry_job
+
     try:
-        requeued = job_service.retry_job(settings(), job_id, actor=terminal_user())
+        requeued = retry_job(settings(), job_id, actor=terminal_user())
     except MedbatchError as exc:
         raise fail(exc) from exc
     out.print(f"re-queued {len(requeued)} job(s)")

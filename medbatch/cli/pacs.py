@@ -12,9 +12,6 @@ from rich.table import Table
 from core.errors import MedbatchError
 from medbatch.cli.app import app
 from medbatch.cli.common import fail, ok, out, settings, terminal_user
-from medbatch.services import pacs_demo
-from medbatch.services.stack import running_stack
-from medbatch.services.studies import list_studies
 
 
 @app.command("demo-pacs", rich_help_panel="PACS push")
@@ -25,6 +22,9 @@ def demo_pacs(
 ) -> None:
     """PACS push end to end: two synthetic chest CTs pushed to the listener, scored, and the
     SR + key image sent back to a demo PACS; key images written as PNG."""
+    from medbatch.services import pacs_demo  # pynetdicom, pydicom: only for the demo
+    from medbatch.services.stack import running_stack
+
     s = pacs_demo.demo_settings(settings())
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:
@@ -55,6 +55,8 @@ def studies(
     limit: Annotated[int, typer.Option(help="Newest studies to list.")] = 20,
 ) -> None:
     """Received DICOM studies: instances, result versions and the newest result of each."""
+    from medbatch.services.studies import list_studies
+
     table = Table("study", "from AE", "instances", "open", "versions", "p(lesion)", "last")
     for study in list_studies(settings(), actor=terminal_user(), limit=limit):
         newest = study.newest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, TextColumn
@@ -11,7 +11,7 @@ from rich.table import Table
 
 from core.errors import MedbatchError
 from core.served_models import IN_DOMAIN
-from core.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT
 from medbatch.cli.app import app
 from medbatch.cli.common import (
     console,
@@ -24,10 +24,10 @@ from medbatch.cli.common import (
     terminal_user,
     wait_with_progress,
 )
-from medbatch.services.explain import explain_molecule
-from medbatch.services.reports import render_report
-from medbatch.services.screening import ScreenOptions, screening_summary, submit_library
-from medbatch.services.stack import queue_consumers, running_stack
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from medbatch.services.screening import ScreenOptions
 
 SAMPLE_LIBRARY = REPO_ROOT / "samples" / "library.smi"
 
@@ -36,6 +36,9 @@ def screen_and_show(
     s: Settings, library: Path, options: ScreenOptions, *, wait: bool, timeout: float
 ) -> int:
     """Submit with a reading bar, optionally follow the scoring, print the summary."""
+    from medbatch.services.screening import screening_summary, submit_library
+    from medbatch.services.stack import queue_consumers
+
     size = library.stat().st_size if library.is_file() else 0
     with progress(
         TextColumn("[bold]reading[/] {task.description}"),
@@ -113,6 +116,8 @@ def screen(
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 3600.0,
 ) -> None:
     """Queue a compound library for screening, show progress, print scored/rejected/duplicates."""
+    from medbatch.services.screening import ScreenOptions
+
     options = ScreenOptions(
         fmt=fmt,  # type: ignore[arg-type]
         smiles_column=smiles_column,
@@ -134,6 +139,10 @@ def demo(
     ),
 ) -> None:
     """The main job end to end on the embedded defaults: up, screen a library, export, down."""
+    from medbatch.services.reports import render_report
+    from medbatch.services.screening import ScreenOptions
+    from medbatch.services.stack import running_stack
+
     s = settings()
     try:
         with running_stack(s, workers=1, beat=True, api=True, report=ok):
@@ -156,6 +165,8 @@ def explain(
 ) -> None:
     """Score one molecule: logS, its spread and calibrated interval, the applicability domain,
     and each atom's contribution (drawn as an RDKit similarity map with --out)."""
+    from medbatch.services.explain import explain_molecule  # RDKit, the Triton client
+
     try:
         found = explain_molecule(settings(), smiles, actor=terminal_user())
     except MedbatchError as exc:

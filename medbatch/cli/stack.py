@@ -13,7 +13,6 @@ from core.errors import MedbatchError
 from medbatch.cli.app import app
 from medbatch.cli.common import console, fail, ok, out, settings, stop_event, wait_for_stop
 from medbatch.services import stack as stack_service
-from medbatch.services.health import stack_status
 
 
 @app.command(rich_help_panel="Run medbatch")
@@ -53,6 +52,8 @@ def status(
 ) -> None:
     """Each part of the stack: answering now, pid, up since, restarts, last exit (exit status 1
     when one does not answer)."""
+    from medbatch.services.health import stack_status  # the probes: redis, Triton, the database
+
     st = stack_status(settings())
     if as_json:
         typer.echo(st.model_dump_json(indent=2))

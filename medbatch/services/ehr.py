@@ -6,20 +6,25 @@ import csv
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import aliased
 
 from core.job_kinds import JobKind
 from core.model_registry import served_model
-from core.settings import Settings
 from db import audit
 from db.jobs import get_job
 from db.models import TERMINAL_STATES, EhrScore, Job, JobState
-from db.session import session_scope
-from ingest.ehr.submit import ExtractSubmission
+from db.session import read_scope, session_scope
 from medbatch.services.stack import prepare_submission
-from medbatch.training.metrics import auroc
+
+if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement, ScalarSelect
+    from sqlalchemy.orm import Session
+
+    from core.settings import Settings
+    from ingest.ehr.submit import ExtractSubmission
 
 
 @dataclass(frozen=True)
@@ -33,19 +38,12 @@ class ExtractProgress:
     accepted_rows: int
     rejected_rows: int
     ingest_done: bool
-    batches: dict[str, int] = field(default_factory=dict)  # state → count
+    batches_total: int = 0
+    batches_finished: int = 0  # done, failed, …: no longer running
 
     @property
     def terminal(self) -> bool:
         return JobState(self.state).terminal
-
-    @property
-    def batches_total(self) -> int:
-        return sum(self.batches.values())
-
-    @property
-    def batches_finished(self) -> int:
-        return sum(n for s, n in self.batches.items() if JobState(s) in TERMINAL_STATES)
 
 
 @dataclass(frozen=True)
@@ -79,28 +77,46 @@ def submit_extract(
 
 
 def extract_progress(settings: Settings, extract_id: int) -> ExtractProgress:
-    with session_scope(settings.database_url) as session:
-        extract = get_job(session, extract_id)
-        ingest = session.scalars(
-            select(Job).where(Job.parent_id == extract_id, Job.kind == JobKind.EHR_INGEST.value)
-        ).first()
-        states = session.execute(
-            select(Job.state, func.count())
-            .where(Job.parent_id == extract_id, Job.kind == JobKind.EHR_BATCH.value)
-            .group_by(Job.state)
-        ).all()
-        summary = dict(ingest.summary or {}) if ingest is not None else {}
-        size = int((ingest.params if ingest is not None else extract.params).get("size_bytes", 0))
-        return ExtractProgress(
-            job_id=extract_id,
-            state=extract.state,
-            size_bytes=size,
-            bytes_read=int(summary.get("bytes_read", 0)),
-            accepted_rows=int(summary.get("accepted_rows", 0)),
-            rejected_rows=int(summary.get("rejected_rows", 0)),
-            ingest_done=ingest is not None and ingest.state == JobState.DONE.value,
-            batches={str(s): int(n) for s, n in states},
+    """The extract's state, its ingest's bytes and rows, and its batches total and finished, in
+    one statement on a read-only transaction: ``medbatch ehr`` polls it ten times a second
+    while workers write (on SQLite a read transaction takes no write lock)."""
+    batch = aliased(Job)
+
+    def batches(*where: ColumnElement[bool]) -> ScalarSelect[int]:
+        return (
+            select(func.count())
+            .select_from(batch)
+            .where(batch.parent_id == extract_id, batch.kind == JobKind.EHR_BATCH.value, *where)
+            .scalar_subquery()
         )
+
+    terminal = [s.value for s in TERMINAL_STATES]
+    query = select(Job, batches(), batches(batch.state.in_(terminal))).where(
+        or_(
+            Job.id == extract_id,
+            and_(Job.parent_id == extract_id, Job.kind == JobKind.EHR_INGEST.value),
+        )
+    )
+    with read_scope(settings.database_url) as session:
+        rows = session.execute(query).all()
+        extract = next((j for j, _, _ in rows if j.id == extract_id), None)
+        if extract is None:
+            extract = get_job(session, extract_id)  # raises JobNotFoundError
+        ingest = next((j for j, _, _ in rows if j.id != extract_id), None)
+    total, finished = (int(rows[0][1]), int(rows[0][2])) if rows else (0, 0)
+    summary = dict(ingest.summary or {}) if ingest is not None else {}
+    size = int((ingest.params if ingest is not None else extract.params).get("size_bytes", 0))
+    return ExtractProgress(
+        job_id=extract_id,
+        state=extract.state,
+        size_bytes=size,
+        bytes_read=int(summary.get("bytes_read", 0)),
+        accepted_rows=int(summary.get("accepted_rows", 0)),
+        rejected_rows=int(summary.get("rejected_rows", 0)),
+        ingest_done=ingest is not None and ingest.state == JobState.DONE.value,
+        batches_total=total,
+        batches_finished=finished,
+    )
 
 
 def _summary(job: Job, patients: int, ood: int) -> ExtractSummary:
@@ -174,6 +190,8 @@ def truth_auroc(settings: Settings, extract_id: int, truth_csv: Path) -> dict[st
     """AUROC of each model's stored risks against the synthetic generator's ground truth (the
     demo's check: a real extract has no truth file); models without a truth column are left
     out."""
+    from medbatch.training.metrics import auroc  # numpy: the demo's check only
+
     with truth_csv.open() as fh:
         truth = {r["patient_id"]: r for r in csv.DictReader(fh)}
     found: dict[str, tuple[list[float], list[int]]] = {}

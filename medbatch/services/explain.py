@@ -19,7 +19,6 @@ from core.settings import Settings
 from db import audit
 from db.session import session_scope
 from ingest.chem.canonicalize import Invalid, canonicalize
-from medbatch.reports.molecules import similarity_map_png
 from workers import triton_client
 from workers.chem.domain import applicability_for
 from workers.chem.featurize import featurize_smiles
@@ -112,6 +111,8 @@ def explain_molecule(
         values.update(zip([name for name, _ in model.derived], derived, strict=True))
     (weights,) = atom_contributions(settings, [parsed.smiles], model.name)
     from rdkit import Chem
+
+    from medbatch.reports.molecules import similarity_map_png  # matplotlib: only when drawn
 
     mol = Chem.MolFromSmiles(parsed.smiles)
     atoms = [

@@ -8,12 +8,14 @@ import time
 from typing import TYPE_CHECKING
 
 from core.errors import MedbatchError
-from core.settings import Settings
-from medbatch.stack.embedded import EmbeddedStack, Reporter
-from medbatch.stack.redis_server import ping
 
 if TYPE_CHECKING:
+    # The embedded stack's machinery (probes, process supervision, Alembic) is imported by
+    # running_stack, redis by prepare_submission: a submission (`medbatch ehr FILE`, the API)
+    # never loads the first, and importing this module loads neither.
+    from core.settings import Settings
     from ingest.dicom.listener import Listener
+    from medbatch.stack.embedded import EmbeddedStack, Reporter
     from workers.sweeper import SweepReport
 
 
@@ -29,6 +31,8 @@ def running_stack(
     """The embedded stack (Redis, Triton, workers, optionally the DICOM listener and the HTTP
     API) as a context manager: whatever is not already running is started, and stopped again
     on exit; its ``supervise(stop)`` restarts what exits until ``stop`` is set."""
+    from medbatch.stack.embedded import EmbeddedStack
+
     return EmbeddedStack(
         settings, workers=workers, beat=beat, listener=listener, api=api, report=report
     )
@@ -42,6 +46,8 @@ def prepare_submission(settings: Settings) -> None:
     """What a submission needs before it stores anything: the schema migrated (once per
     process: Alembic is not thread-safe, and the API submits from several threads) and the
     broker answering (a job whose message cannot be published would wait for the sweeper)."""
+    from medbatch.stack.redis_server import ping
+
     with _migrating:
         if settings.database_url not in _migrated:
             migrate(settings)
