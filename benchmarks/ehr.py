@@ -181,6 +181,9 @@ def _run_database(
     reps: int,
     args: Any,
     s3: Any = None,
+    *,
+    slots: int = 0,
+    release: bool = True,
 ) -> dict[str, Any]:
     """Every extract through one stack on ``database``: warm run, then alternating parse and
     medbatch, then the command once; keyed by rows per patient. ``s3``: a running S3 server
@@ -214,7 +217,8 @@ def _run_database(
             triton_http_port=free_port(),
             triton_grpc_port=free_port(),
             triton_metrics_port=free_port(),
-            worker_concurrency=1,
+            ehr_release_grouped=release,
+            **({"worker_concurrency": slots} if slots else {}),
         )
         use_settings(settings)
         upgrade(settings.database_url)
@@ -264,6 +268,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workers", default="1", help="worker processes to compare")
     parser.add_argument(
+        "--slots", default="0", help="task slots per worker process to compare (0: the cores)"
+    )
+    parser.add_argument(
+        "--release",
+        default="on",
+        help="on and/or off: early buckets while a grouped extract is read (ingest/ehr/release.py)",
+    )
+    parser.add_argument(
         "--storage",
         default="local",
         help="comma-separated: local (a directory) and/or s3 (SeaweedFS on loopback)",
@@ -307,11 +319,23 @@ def main() -> None:
     results: dict[str, Any] = {}
     for database in databases:
         for n_workers in [int(w) for w in args.workers.split(",")]:
-            for storage in storages:
-                for density, result in _run_database(
-                    database, n_workers, extracts, args.reps, args, s3 if storage == "s3" else None
-                ).items():
-                    results[f"{database}/{n_workers}/{storage}/{density}"] = result
+            for slots in [int(x) for x in args.slots.split(",")]:
+                for release in [x.strip() == "on" for x in args.release.split(",")]:
+                    for storage in storages:
+                        for density, result in _run_database(
+                            database,
+                            n_workers,
+                            extracts,
+                            args.reps,
+                            args,
+                            s3 if storage == "s3" else None,
+                            slots=slots,
+                            release=release,
+                        ).items():
+                            workers = f"{n_workers}x{slots or os.cpu_count()}" + (
+                                "" if release else "-norelease"
+                            )
+                            results[f"{database}/{workers}/{storage}/{density}"] = result
 
     table = Table(title=f"EHR extract end to end, medians of {args.reps}")
     for col in (

@@ -74,7 +74,12 @@ class Settings(BaseSettings):
     queue_dicom: str = "dicom"
     queue_ehr: str = "ehr"
     queue_maintenance: str = "maintenance"
-    worker_concurrency: int = Field(1, ge=1)
+    worker_concurrency: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="Task slots per worker process (Celery's prefork children); default the "
+        "cores: an EHR ingest and scoring batches, or two batches, then use every core.",
+    )
     visibility_timeout_s: int = Field(
         3600,
         ge=5,
