@@ -57,7 +57,9 @@ NODELAY = {"TCP_NODELAY": "1"}  # DCMTK (storescu, storescp, Orthanc's DICOM ser
 
 
 def tool(name: str, package: str) -> str:
-    found = shutil.which(name)
+    from medbatch.stack.process import system_tool
+
+    found = system_tool(name)  # DCMTK's, not pynetdicom's apps of the same names in the venv
     if not found:
         raise SystemExit(f"{name} is not installed (Debian package {package}; scripts/install.sh)")
     return found

@@ -4,7 +4,6 @@ and DICOM peers (pynetdicom as SCU, DCMTK's command-line tools)."""
 from __future__ import annotations
 
 import copy
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,9 @@ MR_SMALL = Path(str(get_testdata_file("MR_small.dcm")))
 
 def dcmtk(tool: str) -> str:
     """Path of a DCMTK tool; the tests need the real peer (Debian package dcmtk)."""
-    path = shutil.which(tool)
+    from medbatch.stack.process import system_tool
+
+    path = system_tool(tool)
     assert path, f"DCMTK's {tool} is not installed: apt-get install dcmtk (.ci/run does)"
     return path
 

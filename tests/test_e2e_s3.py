@@ -168,8 +168,13 @@ def test_an_extract_goes_through_the_bucket_and_is_scored(
             for j in session.scalars(select(Job).where(Job.parent_id == extract_id))
             if j.kind == JobKind.EHR_BATCH.value
         ]
-    assert spools and all(k.startswith(f"ehr/extract-{extract_id}/") for k in spools)
+    # hash buckets, and early ones (the file is grouped by patient: ingest/ehr/release.py)
+    assert spools and all(
+        k.startswith((f"ehr/extract-{extract_id}/", f"ehr/extract-{extract_id}-early/"))
+        for k in spools
+    )
     assert storage.keys(f"ehr/extract-{extract_id}") == []  # scored buckets are removed
+    assert storage.keys(f"ehr/extract-{extract_id}-early") == []
     assert not _local_files(s, "ehr")
 
 

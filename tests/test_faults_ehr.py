@@ -86,7 +86,9 @@ def test_worker_killed_mid_ingest_loses_and_duplicates_nothing(
     assert ingest.attempts == 2
     # the second delivery released nothing early: its buckets replace what the first one's
     # early buckets scored (each patient counted once above)
-    late = [j for j in _children(s, sub.job_id, JobKind.EHR_BATCH) if j not in early]
+    late = [
+        j for j in _children(s, sub.job_id, JobKind.EHR_BATCH) if j.id not in {e.id for e in early}
+    ]
     assert late and all(":early:" not in (j.idempotency_key or "") for j in late)
     assert all(j.params.get("supersede") for j in late) == bool(early)
 

@@ -28,6 +28,12 @@ import pyarrow.ipc as ipc
 from ingest.ehr.blocks import LongBlock
 from ingest.ehr.spill import SCHEMA, BucketSpill, block_table
 
+#: Bytes of one long-format CSV row (``P0001234,2023-01-27T19:00:00+02:00,glucose,5.6,mmol/L``):
+#: an early bucket holds ``ehr_bucket_bytes`` of such rows, the size hash buckets are planned at
+#: (FHIR exports are planned by their long-CSV equivalent too). A fixed figure, not one measured
+#: while reading: pyarrow reads ahead, so bytes read so far over-count what was parsed.
+LONG_ROW_BYTES = 48
+
 #: Early buckets never hold fewer rows than this (each one is a scoring job with its own
 #: transactions and Triton round trips).
 MIN_BUCKET_ROWS = 4096

@@ -5,15 +5,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from core.errors import ServiceStartError
+
+
+def system_tool(name: str) -> str | None:
+    """A program on PATH outside this virtual environment: pynetdicom installs apps named like
+    DCMTK's (``storescp``, ``storescu``, …) into the venv's ``bin``, which comes first on PATH
+    once the venv is activated; the DCMTK peer is meant."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    path = os.pathsep.join(
+        d
+        for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
+        if d and Path(d).resolve() != venv_bin
+    )
+    return shutil.which(name, path=path)
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

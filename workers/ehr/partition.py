@@ -30,7 +30,7 @@ from db.models import EhrScore, Job, JobState, Rejection, utcnow
 from db.session import session_scope
 from ingest.ehr.fhir_export import fingerprint
 from ingest.ehr.reader import LongBlock, read_extract
-from ingest.ehr.release import EarlyBucket, GroupedRelease
+from ingest.ehr.release import LONG_ROW_BYTES, EarlyBucket, GroupedRelease
 from ingest.ehr.spill import Bucket, BucketSpill, bucket_count
 from workers.dispatch import publish
 from workers.lifecycle import Claim, claim, job_task
@@ -204,6 +204,7 @@ def _ingest(job: Claim, settings: Settings, storage: Storage, path: Path, tmp: P
         tmp / "early", spill, enabled=settings.ehr_release_grouped and not earlier
     )
     early_ids: list[int] = []
+    early_rows = settings.ehr_bucket_bytes // LONG_ROW_BYTES  # the hash buckets' size in rows
     started = time.perf_counter()
     try:
         blocks = read_extract(
@@ -214,7 +215,7 @@ def _ingest(job: Claim, settings: Settings, storage: Storage, path: Path, tmp: P
         )
         for block in blocks:
             progress.add(block)
-            for early in release.add(block, _bucket_rows(settings, progress)):
+            for early in release.add(block, early_rows):
                 early_ids.append(_release_early(job, extract_id, early, storage, prefix, settings))
             if block.rejections:
                 _store_rejections(extract_id, block, settings)
@@ -261,14 +262,6 @@ def _ingest(job: Claim, settings: Settings, storage: Storage, path: Path, tmp: P
         seconds,
     )
     return "done"
-
-
-def _bucket_rows(settings: Settings, progress: _Progress) -> int:
-    """Rows of an early bucket: about ``ehr_bucket_bytes`` of the file, from the rows per byte
-    read so far (the hash buckets are sized the same way, from the file's size)."""
-    if not progress.bytes_read:
-        return settings.ehr_bucket_bytes // 64
-    return int(settings.ehr_bucket_bytes * progress.accepted / progress.bytes_read)
 
 
 def _early_jobs(settings: Settings, extract_id: int) -> list[int]:
