@@ -1,11 +1,16 @@
 """Stream one EHR extract: record every bad row with its reason, spill the accepted measurements
 into patient buckets, and turn each bucket into a scoring job.
 
-Crash safety: the bucket jobs and this job's ``done`` are committed in one transaction, after the
-bucket files are fsync'd. A worker killed earlier leaves no bucket job; the redelivered ingest
-empties the spool directory and starts again (rejections are keyed by line, so they are stored
-once). A worker killed after the commit but before publishing leaves queued jobs whose message
-never left; the sweeper re-sends them.
+While the file is grouped by patient, complete patients leave early, each early bucket's job
+committed after its file is stored (``ingest/ehr/release.py``), so scoring overlaps the read.
+
+Crash safety: the hash bucket jobs and this job's ``done`` are committed in one transaction, after
+the bucket files are fsync'd. A worker killed earlier leaves no hash bucket job; the redelivered
+ingest empties the spool directory and starts again (rejections are keyed by line, so they are
+stored once). Early bucket jobs it already committed stand; the new delivery releases nothing
+early and its hash buckets, which then hold every patient, replace their scores. A worker killed
+after a commit but before publishing leaves queued jobs whose message never left; the sweeper
+re-sends them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Score one bucket of an extract's patients with every EHR model and store the results.
 
 Idempotent: scores are inserted with ON CONFLICT DO NOTHING on (extract, patient, model), so a
-redelivered batch (worker killed, Triton restarted mid-batch) stores each patient's score once.
+redelivered batch (worker killed, Triton restarted mid-batch) stores each patient's score once. A
+batch marked ``supersede`` (some of its patients were scored early on part of their rows,
+``ingest/ehr/release.py``) replaces instead: its scores are the ones on all of a patient's rows.
 Results are committed every :data:`_COMMIT_ROWS` rows; the bucket file is removed only after the
 job is ``done``, so an operator's retry of a failed batch finds it.
 """
