@@ -23,6 +23,7 @@ from typing import Any
 
 from celery import Task
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
 from core.errors import InputError
 from core.job_kinds import JobKind
@@ -282,6 +283,55 @@ def _early_jobs(settings: Settings, extract_id: int) -> list[int]:
         )
 
 
+def _queue_batches(
+    session: Session,
+    job: Claim,
+    extract_id: int,
+    buckets: list[tuple[int | str, str, int]],
+    *,
+    supersede: bool = False,
+    **details: Any,
+) -> list[int]:
+    """Add a queued scoring job, audited, for each (bucket label, storage key, rows) of
+    ``buckets``; their ids. ``supersede``: some patient of these buckets was scored from an
+    early bucket on part of its rows, and these jobs' scores replace those."""
+    actor = audit.current_actor("worker")
+    batches = [
+        Job(
+            kind=JobKind.EHR_BATCH.value,
+            parent_id=extract_id,
+            source=job.params["path"].rsplit("/", 1)[-1][:512],
+            idempotency_key=f"ehr_batch:{extract_id}:{label}",
+            state=JobState.QUEUED.value,
+            queued_at=utcnow(),
+            params={
+                "spool_file": key,
+                "bucket": label,
+                "models": job.params["models"],
+                **({"supersede": True} if supersede else {}),
+            },
+            item_count=rows,
+        )
+        for label, key, rows in buckets
+    ]
+    session.add_all(batches)
+    session.flush()
+    for batch in batches:
+        audit.append(
+            session,
+            actor=actor,
+            action="job.queued",
+            subject=f"job:{batch.id}",
+            details={
+                "kind": batch.kind,
+                "parent": extract_id,
+                "rows": batch.item_count,
+                **details,
+            },
+        )
+    return [int(b.id) for b in batches]
+
+
 def _release_early(
     job: Claim,
     extract_id: int,
@@ -294,38 +344,15 @@ def _release_early(
     ingest goes on. The ingest keeps its own copy (``early.path``) until it ends."""
     key = f"{prefix}-early/{early.path.name}"
     storage.put_file(key, early.path)
-    actor = audit.current_actor("worker")
     with session_scope(s.database_url) as session:
-        batch = Job(
-            kind=JobKind.EHR_BATCH.value,
-            parent_id=extract_id,
-            source=job.params["path"].rsplit("/", 1)[-1][:512],
-            idempotency_key=f"ehr_batch:{extract_id}:early:{early.index}",
-            state=JobState.QUEUED.value,
-            queued_at=utcnow(),
-            params={
-                "spool_file": key,
-                "bucket": f"early-{early.index}",
-                "models": job.params["models"],
-            },
-            item_count=early.rows,
-        )
-        session.add(batch)
-        session.flush()
-        audit.append(
+        (batch_id,) = _queue_batches(
             session,
-            actor=actor,
-            action="job.queued",
-            subject=f"job:{batch.id}",
-            details={
-                "kind": batch.kind,
-                "parent": extract_id,
-                "rows": early.rows,
-                "patients": early.patients,
-                "early": True,
-            },
+            job,
+            extract_id,
+            [(f"early:{early.index}", key, early.rows)],
+            patients=early.patients,
+            early=True,
         )
-        batch_id = int(batch.id)
     publish(batch_id, JobKind.EHR_BATCH.value)
     return batch_id
 
@@ -352,42 +379,20 @@ def _commit_batches(
     supersede: bool,
 ) -> list[int]:
     """One transaction: a queued scoring job per bucket, the ingest done, the extract's counts.
-    ``supersede``: some patient of these buckets was scored from an early bucket on part of its
-    rows; these jobs' scores replace those."""
+    ``supersede``: see :func:`_queue_batches`."""
     actor = audit.current_actor("worker")
     with session_scope(s.database_url) as session:
-        batches = [
-            Job(
-                kind=JobKind.EHR_BATCH.value,
-                parent_id=extract_id,
-                source=job.params["path"].rsplit("/", 1)[-1][:512],
-                idempotency_key=f"ehr_batch:{extract_id}:{b.index}",
-                state=JobState.QUEUED.value,
-                queued_at=utcnow(),
-                params={
-                    "spool_file": key,
-                    "bucket": b.index,
-                    "models": job.params["models"],
-                    **({"supersede": True} if supersede else {}),
-                },
-                item_count=b.rows,
-            )
-            for b, key in zip(buckets, keys, strict=True)
-        ]
-        session.add_all(batches)
-        session.flush()
-        for batch in batches:
-            audit.append(
-                session,
-                actor=actor,
-                action="job.queued",
-                subject=f"job:{batch.id}",
-                details={"kind": batch.kind, "parent": extract_id, "rows": batch.item_count},
-            )
+        batch_ids = _queue_batches(
+            session,
+            job,
+            extract_id,
+            [(b.index, key, b.rows) for b, key in zip(buckets, keys, strict=True)],
+            supersede=supersede,
+        )
         transition(session, job.job_id, JobState.DONE, actor=actor, summary=summary)
         session.execute(
             update(Job)
             .where(Job.id == extract_id)
             .values(summary=summary, item_count=summary["accepted_rows"], updated_at=utcnow())
         )
-        return [int(b.id) for b in batches]
+        return batch_ids
