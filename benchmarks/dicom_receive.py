@@ -57,9 +57,9 @@ NODELAY = {"TCP_NODELAY": "1"}  # DCMTK (storescu, storescp, Orthanc's DICOM ser
 
 
 def tool(name: str, package: str) -> str:
-    from medbatch.stack.process import system_tool
+    from medbatch.stack.process import native_tool
 
-    found = system_tool(name)  # DCMTK's, not pynetdicom's apps of the same names in the venv
+    found = native_tool(name)  # not pynetdicom's scripts named like DCMTK's tools
     if not found:
         raise SystemExit(f"{name} is not installed (Debian package {package}; scripts/install.sh)")
     return found

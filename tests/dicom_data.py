@@ -23,9 +23,9 @@ MR_SMALL = Path(str(get_testdata_file("MR_small.dcm")))
 
 def dcmtk(tool: str) -> str:
     """Path of a DCMTK tool; the tests need the real peer (Debian package dcmtk)."""
-    from medbatch.stack.process import system_tool
+    from medbatch.stack.process import native_tool
 
-    path = system_tool(tool)
+    path = native_tool(tool)
     assert path, f"DCMTK's {tool} is not installed: apt-get install dcmtk (.ci/run does)"
     return path
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,17 +16,19 @@ from pathlib import Path
 from core.errors import ServiceStartError
 
 
-def system_tool(name: str) -> str | None:
-    """A program on PATH outside this virtual environment: pynetdicom installs apps named like
-    DCMTK's (``storescp``, ``storescu``, …) into the venv's ``bin``, which comes first on PATH
-    once the venv is activated; the DCMTK peer is meant."""
-    venv_bin = Path(sys.executable).parent.resolve()
-    path = os.pathsep.join(
-        d
-        for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
-        if d and Path(d).resolve() != venv_bin
-    )
-    return shutil.which(name, path=path)
+def native_tool(name: str) -> str | None:
+    """The first compiled program ``name`` on PATH (DCMTK's tools, Orthanc, curl), passing over
+    scripts of the same name: pynetdicom installs Python console scripts named like DCMTK's
+    (``storescp``, ``storescu``, …) in every virtual environment that has it, and an activated
+    one comes first on PATH."""
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = Path(folder or ".") / name
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        with contextlib.suppress(OSError), candidate.open("rb") as fh:
+            if fh.read(4) == b"\x7fELF":
+                return str(candidate)
+    return None
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
