@@ -155,14 +155,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """SeaweedFS's S3 gateway on free loopback ports, its credentials in the environment while
     it runs (the workers and listeners started by a test inherit them)."""
     server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in server.env().items():
+            env.setenv(key, value)
         with server:
             yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

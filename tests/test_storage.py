@@ -69,22 +69,17 @@ def test_keys_cannot_leave_the_storage_root(storage: Storage) -> None:
 
 
 @pytest.mark.server
-def test_a_stopped_store_is_unavailable_not_missing(tmp_path: Path) -> None:
+def test_a_stopped_store_is_unavailable_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server = S3Server(tmp_path / "seaweedfs")
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
-        with server:
-            store = S3Storage(server.url("x"), endpoint_url=server.endpoint_url, timeout_s=3)
-            store.put("a/b", b"1")
-        with pytest.raises(StorageUnavailableError, match="MEDBATCH_S3_ENDPOINT_URL"):
-            store.get("a/b")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    with server:
+        store = S3Storage(server.url("x"), endpoint_url=server.endpoint_url, timeout_s=3)
+        store.put("a/b", b"1")
+    with pytest.raises(StorageUnavailableError, match="MEDBATCH_S3_ENDPOINT_URL"):
+        store.get("a/b")
 
 
 def test_settings_choose_the_storage(tmp_path: Path) -> None:
