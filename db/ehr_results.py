@@ -41,12 +41,10 @@ SCORE_COLUMNS = (
     "explanation",
     "created_at",
 )
-_CONFLICT = "(extract_id, patient_id, model_name)"
-_REPLACE = "DO UPDATE SET " + ", ".join(
-    f"{c} = excluded.{c}"
-    for c in SCORE_COLUMNS
-    if c not in ("extract_id", "patient_id", "model_name")
-)
+#: One score per (extract, patient, model): the unique key every insert conflicts on.
+_KEY = ("extract_id", "patient_id", "model_name")
+_CONFLICT = f"({', '.join(_KEY)})"
+_REPLACE = "DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in SCORE_COLUMNS if c not in _KEY)
 
 
 def insert_scores(
