@@ -44,7 +44,9 @@ SCORE_COLUMNS = (
 #: One score per (extract, patient, model): the unique key every insert conflicts on.
 _KEY = ("extract_id", "patient_id", "model_name")
 _CONFLICT = f"({', '.join(_KEY)})"
-_REPLACE = "DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in SCORE_COLUMNS if c not in _KEY)
+_REPLACE = "DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}" for c in SCORE_COLUMNS if c not in _KEY
+)
 
 
 def insert_scores(
